@@ -1,0 +1,1 @@
+"""hf_kd: knowledge distillation for Hugging Face transformers."""
