@@ -1,0 +1,98 @@
+"""DistillationConfig: TrainingArguments plus the distillation fields (CLI flags, YAML and Python alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
+
+KD_POSITIONS = ("all", "labels")
+KD_IMPLS = ("auto", "full", "chunked", "fused")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+NAN_POLICIES = ("stop", "skip")
+
+
+def parse_layer_map(value) -> list[tuple[int, int]] | None:
+    """'0:0,4:1,8:2' (teacher:student hidden-state indices) or a list of pairs -> list of int pairs."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            pairs = [tuple(int(x) for x in item.split(":")) for item in value.replace(" ", "").split(",") if item]
+        except ValueError:
+            raise ValueError(f"layer_map {value!r}: expected 'teacher:student' pairs such as '0:0,4:1,8:2'") from None
+    else:
+        pairs = [tuple(int(x) for x in p) for p in value]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"layer_map {value!r}: every item must be a teacher:student pair")
+    students = [s for _, s in pairs]
+    if len(set(students)) != len(students):
+        raise ValueError(f"layer_map {value!r}: a student hidden state appears twice; map each at most once")
+    if any(i < 0 for p in pairs for i in p):
+        raise ValueError(f"layer_map {value!r}: indices must be >= 0 (0 is the embedding output)")
+    return pairs
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Training arguments for :class:`hf_kd.DistillationTrainer`.
+
+    The loss is ``alpha_task * L_task + kd_weight * L_kd + hidden_weight * L_hidden``.
+    """
+
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of the logit loss; "
+                               "temperature-scaled losses are multiplied by T^2 (Hinton et al. 2015)."})
+    alpha_task: float = field(default=1.0, metadata={"help": "Weight of the student's own task loss "
+                              "(causal-LM, masked-LM or classification cross-entropy). 0 = pure distillation."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the teacher-student logit loss."})
+    kd_loss: str = field(default="forward_kl", metadata={"help": "Logit loss: " + ", ".join(LOGIT_LOSSES)
+                         + " (forward_kl = KL(teacher||student); jsd uses jsd_beta)."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD: 0 = forward KL, "
+                            "1 = reverse KL."})
+    kd_positions: str = field(default="all", metadata={"help": "Masked LM only: 'all' non-padding tokens "
+                              "(DistilBERT) or 'labels' (only positions whose label is not -100)."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss over the "
+                                 "layer map (averaged over mapped pairs)."})
+    hidden_loss: str = field(default="cosine", metadata={"help": "Hidden-state loss: " + ", ".join(HIDDEN_LOSSES)})
+    layer_map: str | None = field(default=None, metadata={"help": "teacher:student hidden-state pairs, e.g. "
+                                  "'0:0,6:1,12:2' (0 = embeddings). Default: from make_student's record of "
+                                  "kept layers, else spread uniformly."})
+    use_projection: bool = field(default=True, metadata={"help": "Learn a Linear(student_dim, teacher_dim) "
+                                 "per mapped pair where widths differ (trained, not saved into the student)."})
+    teacher_dtype: str = field(default="auto", metadata={"help": "Teacher weights dtype: " + ", ".join(TEACHER_DTYPES)
+                               + " ('auto' keeps the teacher's own)."})
+    kd_impl: str = field(default="auto", metadata={"help": "Logit-loss implementation: 'full' (reference), "
+                         "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
+                         "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
+    kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk for chunked/fused logit losses."})
+    nan_policy: str = field(default="stop", metadata={"help": "Non-finite teacher/student outputs or loss: "
+                            "'stop' raises with step and batch, 'skip' drops that batch's loss (logged)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; 1 is plain softmax, 2-4 is usual")
+        for name in ("alpha_task", "kd_weight", "hidden_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.alpha_task == 0 and self.kd_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
+        if self.kd_loss not in LOGIT_LOSSES:
+            raise ValueError(f"kd_loss {self.kd_loss!r} unknown; choose one of {sorted(LOGIT_LOSSES)}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss {self.hidden_loss!r} unknown; choose one of {sorted(HIDDEN_LOSSES)}")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        for name, allowed in (("kd_positions", KD_POSITIONS), ("kd_impl", KD_IMPLS),
+                              ("teacher_dtype", TEACHER_DTYPES), ("nan_policy", NAN_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} unknown; choose one of {list(allowed)}")
+        if self.kd_chunk_size <= 0:
+            raise ValueError(f"kd_chunk_size must be > 0, got {self.kd_chunk_size}")
+        parse_layer_map(self.layer_map)  # fail fast on a malformed map
+
+    @property
+    def layer_pairs(self) -> list[tuple[int, int]] | None:
+        return parse_layer_map(self.layer_map)

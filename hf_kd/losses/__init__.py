@@ -1,0 +1,20 @@
+"""Distillation losses: pure functions of tensors, and the registry that maps config names to them."""
+
+from .hidden import hidden_cosine, hidden_mse
+from .logits import forward_kl, generalized_jsd, logit_mse, reduce, reverse_kl
+
+LOGIT_LOSSES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "mse": logit_mse,
+}
+HIDDEN_LOSSES = {
+    "cosine": hidden_cosine,
+    "mse": hidden_mse,
+}
+
+__all__ = [
+    "forward_kl", "reverse_kl", "generalized_jsd", "logit_mse", "hidden_cosine", "hidden_mse", "reduce",
+    "LOGIT_LOSSES", "HIDDEN_LOSSES",
+]

@@ -1,0 +1,265 @@
+"""DistillationTrainer: a transformers.Trainer whose loss is
+
+    L = alpha_task * L_task + kd_weight * L_kd(student, teacher) + hidden_weight * L_hidden(student, teacher)
+
+Token losses are sums over the batch divided by the global count of counted positions in the whole
+optimizer step (all gradient-accumulation micro-batches, all processes), so the loss and its gradients do
+not depend on how a global batch is split.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from .config import DistillationConfig
+from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
+from .signals import (CAUSAL_LM, CLASSIFICATION, base_model_of, build_projections, check_layer_map,
+                      default_layer_map, hidden_width, position_masks, task_of)
+
+PROJECTIONS_NAME = "hf_kd_projections.pt"
+_COUNT_KEYS = ("task", "kd", "hidden")
+
+
+def load_teacher(path_or_id: str, task: str):
+    """Load a teacher for ``task`` from a local folder or a Hub id, with a clear error if it is not a model."""
+    from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM,
+                              AutoModelForSequenceClassification)
+    if os.path.sep in str(path_or_id) and not os.path.isdir(path_or_id):
+        raise FileNotFoundError(f"teacher path {path_or_id!r} does not exist")
+    if os.path.isdir(path_or_id) and not os.path.isfile(os.path.join(path_or_id, "config.json")):
+        raise ValueError(f"teacher path {path_or_id!r} is a folder without config.json: not a saved model")
+    auto = {CAUSAL_LM: AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(task)
+    if auto is None:
+        from transformers import AutoConfig
+        archs = getattr(AutoConfig.from_pretrained(path_or_id), "architectures", None) or []
+        auto = AutoModelForImageClassification if any("Image" in a for a in archs) else AutoModelForSequenceClassification
+    return auto.from_pretrained(path_or_id)
+
+
+def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str, config) -> torch.Tensor:
+    """The student's own loss, summed over counted positions (the caller divides by the global count)."""
+    if task == CAUSAL_LM:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if task != CLASSIFICATION or config.num_labels > 1 and config.problem_type != "multi_label_classification":
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    if config.num_labels == 1:  # regression
+        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
+
+
+def shared_vocab(student, teacher, tokenizer) -> int | None:
+    """Vocabulary size to compare logits over, or None when both heads are the same size."""
+    v_s, v_t = student.config.vocab_size, teacher.config.vocab_size
+    if v_s == v_t:
+        return None
+    n_real = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if n_real is not None and n_real <= min(v_s, v_t):
+        warnings.warn(f"teacher vocabulary {v_t} and student {v_s} differ only by padding rows (tokenizer has "
+                      f"{n_real} tokens): comparing logits over the first {min(v_s, v_t)}")
+        return min(v_s, v_t)
+    raise ValueError(f"teacher vocabulary ({v_t}) and student vocabulary ({v_s}) differ: hf_kd compares logits "
+                     "token by token, which needs one tokenizer. If they differ only by padding rows, pass the "
+                     "tokenizer as processing_class; otherwise pick a teacher and student with the same tokenizer.")
+
+
+def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
+    """Fail fast on a teacher/student pair that cannot be distilled as configured."""
+    t_task = task_of(teacher)
+    if t_task != task:
+        raise ValueError(f"teacher is a {t_task} model ({type(teacher).__name__}) but the student is a {task} "
+                         f"model ({type(student).__name__}); use the same kind of head for both")
+    if task == CLASSIFICATION:
+        s, t = student.config, teacher.config
+        if s.num_labels != t.num_labels:
+            raise ValueError(f"teacher has {t.num_labels} labels, student {s.num_labels}: build the student "
+                             "with the teacher's num_labels and id2label")
+        if s.id2label != t.id2label and not all(v.startswith("LABEL_") for v in s.id2label.values()):
+            raise ValueError(f"teacher id2label {t.id2label} differs from student's {s.id2label}")
+        if s.num_labels == 1 and args.kd_weight > 0 and args.kd_loss != "mse":
+            raise ValueError("a regression head (num_labels=1) has no distribution to match: use kd_loss='mse'")
+
+
+class DistillationTrainer(Trainer):
+    """A Trainer that distils ``teacher_model`` into ``model``; every other argument is the Trainer's."""
+
+    loss_is_scaled_for_ga = True  # compute_loss normalises by the global count itself
+
+    def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, **kwargs):
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
+        if model is None or teacher_model is None:
+            raise ValueError("DistillationTrainer needs model= (the student) and teacher_model=")
+        self.task = task_of(model)
+        if isinstance(teacher_model, (str, os.PathLike)):
+            teacher_model = load_teacher(str(teacher_model), self.task)
+        student = base_model_of(model)
+        check_pair(student, teacher_model, self.task, args)
+        self.kd_vocab = shared_vocab(student, teacher_model, kwargs.get("processing_class")) \
+            if self.task != CLASSIFICATION else None
+        self.layer_pairs = None
+        if args.hidden_weight > 0:
+            hidden_width(teacher_model.config), hidden_width(student.config)  # clear error for CNNs etc.
+            self.layer_pairs = args.layer_pairs or default_layer_map(teacher_model.config, student.config)
+            check_layer_map(self.layer_pairs, teacher_model.config, student.config)
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = self._prepare_teacher(teacher_model)
+        self.projections = build_projections(self.layer_pairs or [], teacher_model.config, student.config,
+                                             args.use_projection).to(self.accelerator.device)
+        self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._batches = {"train": 0, "eval": 0}
+
+    # ---- teacher -------------------------------------------------------------------------------
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        teacher.eval().requires_grad_(False)
+        if self.args.teacher_dtype != "auto":
+            teacher = teacher.to(getattr(torch, self.args.teacher_dtype))
+        if self.is_deepspeed_enabled:  # GPU only: ZeRO-3 shards the teacher too; other stages run it plain
+            import deepspeed
+            ds = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            for key in ("optimizer", "scheduler"):
+                ds.pop(key, None)
+            if ds.get("zero_optimization", {}).get("stage") != 3:
+                ds["zero_optimization"] = {"stage": 0}
+            teacher, *_ = deepspeed.initialize(model=teacher, config=ds)
+            return teacher.eval()
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _teacher_outputs(self, inputs: dict, need_hidden: bool):
+        kwargs = {"output_hidden_states": True} if need_hidden else {}
+        if getattr(base_model_of(self.teacher).config, "use_cache", None) is not None:
+            kwargs["use_cache"] = False
+        with torch.no_grad():
+            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, **kwargs)
+
+    # ---- normalisation ---------------------------------------------------------------------------
+    def _counts(self, batches: list, device) -> dict:
+        """Counted positions of each loss over ``batches`` and all processes."""
+        totals = torch.zeros(len(_COUNT_KEYS), dtype=torch.float64)
+        for batch in batches:
+            masks = position_masks(batch, self.task, self.args.kd_positions)
+            totals += torch.tensor([float(masks[k].sum()) if k in masks else 0.0 for k in _COUNT_KEYS],
+                                   dtype=torch.float64)
+        totals = totals.to(device)
+        scale = 1
+        if self.accelerator.num_processes > 1 and self.args.average_tokens_across_devices:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            scale = self.accelerator.num_processes  # DDP averages gradients over processes
+        return {**{k: totals[i].clamp(min=1).float() for i, k in enumerate(_COUNT_KEYS)}, "scale": scale}
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> dict:
+        return self._counts(batch_samples, device)
+
+    # ---- the loss --------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else self._counts([inputs], self.accelerator.device)
+        labels = inputs.get("labels")
+        if args.alpha_task > 0 and labels is None:
+            raise ValueError("alpha_task > 0 but the batch has no 'labels': use a collator that makes labels "
+                             "(e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
+        masks = position_masks(inputs, self.task, args.kd_positions)
+        need_hidden = self.layer_pairs is not None
+        teacher_out = self._teacher_outputs(inputs, need_hidden) if args.kd_weight > 0 or need_hidden else None
+        kwargs = {"output_hidden_states": True} if need_hidden else {}
+        if getattr(base_model_of(model).config, "use_cache", None) is not None:
+            kwargs["use_cache"] = False
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, **kwargs)
+
+        parts = {}
+        if args.alpha_task > 0:
+            parts["task"] = task_loss_sum(outputs.logits, labels, self.task, base_model_of(model).config) / counts["task"]
+        if args.kd_weight > 0:
+            parts["kd"] = self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"]) / counts["kd"]
+        if need_hidden:
+            parts["hidden"] = self._hidden_loss_sum(outputs.hidden_states, teacher_out.hidden_states,
+                                                    masks["hidden"]) / counts["hidden"]
+        weights = {"task": args.alpha_task, "kd": args.kd_weight, "hidden": args.hidden_weight}
+        loss = sum(weights[k] * v for k, v in parts.items()) * counts["scale"]
+        self._record(parts, counts["scale"], model.training)
+        if return_outputs and getattr(outputs, "hidden_states", None) is not None:
+            outputs.hidden_states = None  # keep evaluation from gathering them
+        return (loss, outputs) if return_outputs else loss
+
+    def _logit_loss_sum(self, student_logits, teacher_logits, mask):
+        if self.task == CAUSAL_LM:  # logits at i predict token i+1, for both models
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+        if self.kd_vocab is not None:
+            student_logits, teacher_logits = student_logits[..., :self.kd_vocab], teacher_logits[..., :self.kd_vocab]
+        fn = LOGIT_LOSSES[self.args.kd_loss]
+        extra = {"beta": self.args.jsd_beta} if self.args.kd_loss == "jsd" else {}
+        return fn(student_logits, teacher_logits, temperature=self.args.temperature, mask=mask,
+                  reduction="sum", **extra)
+
+    def _hidden_loss_sum(self, student_states, teacher_states, mask):
+        fn = HIDDEN_LOSSES[self.args.hidden_loss]
+        total = 0.0
+        for proj, (t, s) in zip(self.projections, self.layer_pairs):
+            h_s, h_t = proj(student_states[s]), teacher_states[t]
+            if h_s.dim() != 3 or h_s.shape != h_t.shape:
+                raise ValueError(f"hidden states {t}:{s} have shapes {tuple(h_t.shape)} (teacher) and "
+                                 f"{tuple(h_s.shape)} (student): hidden losses need [batch, tokens, width] "
+                                 "states with the same number of tokens")
+            if mask.dim() == 1:  # images: one count per example, mean over patches
+                total = total + (fn(h_s, h_t, reduction="none").mean(-1) * mask).sum()
+            else:
+                total = total + fn(h_s, h_t, mask=mask, reduction="sum")
+        return total / len(self.layer_pairs)
+
+    # ---- logging -----------------------------------------------------------------------------------
+    def _record(self, parts: dict, scale: int, training: bool) -> None:
+        mode = "train" if training else "eval"
+        for name, value in parts.items():
+            self._stats[mode][name] += float(value.detach()) * scale / max(self.accelerator.num_processes, 1)
+        self._batches[mode] += 1
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stats, n = self._stats[mode], self._batches[mode]
+        if stats and n:
+            steps = n / self.args.gradient_accumulation_steps if mode == "train" else n
+            names = sorted(stats)
+            values = torch.tensor([stats[k] for k in names], device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.reduce(values, reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{k}_loss": round(float(v) / steps, 6) for k, v in zip(names, values)})
+        self._stats[mode].clear()
+        self._batches[mode] = 0
+        super().log(logs, start_time)
+
+    # ---- projections: trained with the student, saved with checkpoints, never in the student --------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        params = [p for p in self.projections.parameters() if p.requires_grad]
+        if params:
+            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1:  # DDP does not see the projections: average their grads
+            for p in self.projections.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.accelerator.num_processes
+        return loss
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and len(list(self.projections.parameters())):
+            torch.save(self.projections.state_dict(), os.path.join(output_dir, PROJECTIONS_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, PROJECTIONS_NAME)):
+            state = torch.load(os.path.join(checkpoint, PROJECTIONS_NAME), map_location=self.accelerator.device)
+            self.projections.load_state_dict(state)
+        super()._load_optimizer_and_scheduler(checkpoint)
