@@ -71,7 +71,7 @@ def position_masks(batch: dict, task: str, kd_positions: str = "all") -> dict[st
 
 def num_hidden_states(config) -> int:
     """Number of hidden states a model returns (embeddings output + one per layer)."""
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name) + 1
     raise ValueError(f"cannot find the layer count of {type(config).__name__}")

@@ -24,8 +24,8 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """sum_v p * (log p - log q), with 0 * log 0 = 0 (so -inf entries of p contribute nothing)."""
     p = log_p.exp()
-    terms = p * (log_p - log_q)
-    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+    diff = log_p - log_q
+    return (p * torch.where(p > 0, diff, torch.zeros_like(diff))).sum(-1)
 
 
 def reduce(per_position: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
@@ -80,8 +80,8 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
         return reverse_kl(student_logits, teacher_logits, temperature=temperature, mask=mask, reduction=reduction)
     log_s = _log_probs(student_logits, temperature)
     log_t = _log_probs(teacher_logits, temperature)
-    log_m = torch.logsumexp(torch.stack([log_t + torch.log(torch.tensor(beta)),
-                                         log_s + torch.log(torch.tensor(1.0 - beta))]), dim=0)
+    mix = beta * log_t.exp() + (1.0 - beta) * log_s.exp()
+    log_m = mix.clamp_min(torch.finfo(mix.dtype).tiny).log()  # where mix = 0 both p are 0: the term is dropped
     per_pos = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
     return reduce(per_pos * temperature**2, mask, reduction)
 
