@@ -81,7 +81,8 @@ def hidden_width(config) -> int:
     for name in ("hidden_size", "n_embd", "dim", "d_model"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
-    raise ValueError(f"cannot find the hidden width of {type(config).__name__}; pass use_projection")
+    raise ValueError(f"hidden-state losses need [batch, tokens, width] states; {type(config).__name__} has no "
+                     "hidden width (hidden_size): set hidden_weight=0 for this model")
 
 
 def default_layer_map(teacher_config, student_config) -> list[tuple[int, int]]:
@@ -108,6 +109,8 @@ def check_layer_map(pairs, teacher_config, student_config) -> None:
 
 def build_projections(pairs, teacher_config, student_config, use_projection: bool) -> nn.ModuleList:
     """One Linear(student_dim, teacher_dim) per pair where widths differ (Identity where they match)."""
+    if not pairs:
+        return nn.ModuleList()
     d_t, d_s = hidden_width(teacher_config), hidden_width(student_config)
     if d_t == d_s:
         return nn.ModuleList(nn.Identity() for _ in pairs)
