@@ -134,11 +134,18 @@ class DistillationTrainer(Trainer):
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _teacher_outputs(self, inputs: dict, need_hidden: bool):
+        from .losses.fused import forward_hidden, resolve_kd_impl
         kwargs = {"output_hidden_states": True} if need_hidden else {}
         if getattr(base_model_of(self.teacher).config, "use_cache", None) is not None:
             kwargs["use_cache"] = False
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        fused = resolve_kd_impl(self.args.kd_impl, self.task) == "fused"
         with torch.no_grad():
-            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, **kwargs)
+            if self.task == CAUSAL_LM and (fused or self.args.kd_weight == 0):  # no teacher logits needed
+                outputs, last_hidden = forward_hidden(self.teacher, model_inputs, check=fused, **kwargs)
+                outputs["last_hidden_state"] = last_hidden
+                return outputs
+            return self.teacher(**model_inputs, **kwargs)
 
     # ---- normalisation ---------------------------------------------------------------------------
     def _counts(self, batches: list, device) -> dict:
@@ -172,13 +179,23 @@ class DistillationTrainer(Trainer):
         kwargs = {"output_hidden_states": True} if need_hidden else {}
         if getattr(base_model_of(model).config, "use_cache", None) is not None:
             kwargs["use_cache"] = False
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, **kwargs)
+        from .losses.fused import fused_student_pass, resolve_kd_impl
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        fused = resolve_kd_impl(args.kd_impl, self.task) == "fused"
+        if fused:  # no [tokens, vocab] logits: task and kd sums from the last hidden states, chunk by chunk
+            outputs, sums = fused_student_pass(model, model_inputs, self.teacher, teacher_out, labels, masks["kd"],
+                                               args, counts, self.kd_vocab, **kwargs)
+        else:
+            outputs = model(**model_inputs, **kwargs)
 
         parts = {}
         if args.alpha_task > 0:
-            parts["task"] = task_loss_sum(outputs.logits, labels, self.task, base_model_of(model).config) / counts["task"]
+            task_sum = sums["task"] if fused else task_loss_sum(outputs.logits, labels, self.task,
+                                                                base_model_of(model).config)
+            parts["task"] = task_sum / counts["task"]
         if args.kd_weight > 0:
-            parts["kd"] = self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"]) / counts["kd"]
+            kd_sum = sums["kd"] if fused else self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
+            parts["kd"] = kd_sum / counts["kd"]
         if need_hidden:
             parts["hidden"] = self._hidden_loss_sum(outputs.hidden_states, teacher_out.hidden_states,
                                                     masks["hidden"]) / counts["hidden"]
@@ -190,12 +207,20 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _logit_loss_sum(self, student_logits, teacher_logits, mask):
+        from .losses.chunked import CHUNKED_LOGIT_LOSSES
+        from .losses.fused import resolve_kd_impl
+        extra = {"beta": self.args.jsd_beta} if self.args.kd_loss == "jsd" else {}
+        if resolve_kd_impl(self.args.kd_impl, self.task) == "chunked":
+            if self.task == CAUSAL_LM:  # i predicts i+1: drop the last position by mask, no [tokens, vocab] slice copy
+                mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+            return CHUNKED_LOGIT_LOSSES[self.args.kd_loss](
+                student_logits, teacher_logits, temperature=self.args.temperature, mask=mask, reduction="sum",
+                chunk_size=self.args.kd_chunk_size, vocab_limit=self.kd_vocab, **extra)
         if self.task == CAUSAL_LM:  # logits at i predict token i+1, for both models
             student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
         if self.kd_vocab is not None:
             student_logits, teacher_logits = student_logits[..., :self.kd_vocab], teacher_logits[..., :self.kd_vocab]
         fn = LOGIT_LOSSES[self.args.kd_loss]
-        extra = {"beta": self.args.jsd_beta} if self.args.kd_loss == "jsd" else {}
         return fn(student_logits, teacher_logits, temperature=self.args.temperature, mask=mask,
                   reduction="sum", **extra)
 

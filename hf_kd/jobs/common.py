@@ -1,0 +1,128 @@
+"""What every main job shares: argument parsing (defaults < --quick < YAML < CLI), the distil-and-baseline
+run, and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+from ..config import DistillationConfig
+from ..report import evaluate, latency, machine, model_card, num_parameters, push_or_dry_run, write_report
+from ..trainer import DistillationTrainer
+
+log = logging.getLogger("hf_kd")
+
+
+@dataclasses.dataclass
+class JobArguments:
+    """Fields every job has (the job-specific dataclasses extend it)."""
+
+    quick: bool = dataclasses.field(default=False, metadata={"help": "Smoke-test preset: a tiny run in ~1 minute."})
+    baseline: bool = dataclasses.field(default=True, metadata={"help": "Also train the same student for the same "
+                                       "steps on the task loss alone (no teacher) and report it."})
+    keep_checkpoints: bool = dataclasses.field(default=False, metadata={"help": "Keep checkpoint-* folders "
+                                               "after a successful run (they are removed by default)."})
+    dry_run: bool = dataclasses.field(default=False, metadata={"help": "With --push_to_hub: write "
+                                      "push_dry_run.json listing what would be pushed instead of pushing."})
+
+
+def _as_args(values: dict) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def parse(job_cls, argv: list[str] | None, defaults: dict, quick: dict):
+    """Parse ``job_cls`` + DistillationConfig from defaults, the quick preset, ``--config X.yaml`` and flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from_yaml = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        with open(argv[i + 1]) as f:
+            from_yaml = yaml.safe_load(f) or {}
+        del argv[i:i + 2]
+    wants_quick = from_yaml.get("quick") is True or any(a == "--quick" and (j + 1 == len(argv) or argv[j + 1]
+                                                        .lower() not in ("false", "0")) for j, a in enumerate(argv))
+    values = {**defaults, **(quick if wants_quick else {}), **from_yaml}
+    parser = HfArgumentParser((job_cls, DistillationConfig))
+    return parser.parse_args_into_dataclasses(args=_as_args(values) + argv)
+
+
+def _train(trainer) -> float:
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    return time.perf_counter() - start
+
+
+def distill_and_report(job, args: DistillationConfig, *, teacher, new_student, train_dataset, eval_batches: list,
+                       task: str, collator=None, processing_class=None, data: str, teacher_name: str,
+                       speed_inputs: dict, save_extra=None, notes: list[str] | None = None) -> dict:
+    """Evaluate teacher and fresh student, distil, train the no-teacher baseline, evaluate, save, report.
+
+    ``new_student()`` must build the same initial student every call (the baseline starts where KD started).
+    """
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    student = new_student()
+    metrics = {"teacher": evaluate(teacher, eval_batches, task, desc="eval teacher"),
+               "student_before": evaluate(student, eval_batches, task, teacher, desc="eval student before")}
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_dataset,
+                                  data_collator=collator, processing_class=processing_class)
+    seconds = {"distillation": _train(trainer)}
+    metrics["student_after"] = evaluate(student, eval_batches, task, teacher, desc="eval student after")
+    histories = {"distillation": trainer.state.log_history}
+    if job.baseline:
+        tmp = tempfile.mkdtemp(prefix="hf_kd_baseline_")
+        try:
+            base_args = dataclasses.replace(args, output_dir=tmp, kd_weight=0.0, hidden_weight=0.0, alpha_task=1.0,
+                                            push_to_hub=False, save_strategy="no", resume_from_checkpoint=None)
+            baseline = new_student()
+            base_trainer = DistillationTrainer(model=baseline, teacher_model=teacher, args=base_args,
+                                               train_dataset=train_dataset, data_collator=collator,
+                                               processing_class=processing_class)
+            seconds["baseline"] = _train(base_trainer)
+            metrics["baseline_no_teacher"] = evaluate(baseline, eval_batches, task, teacher, desc="eval baseline")
+            histories["baseline (no teacher)"] = base_trainer.state.log_history
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(out)
+    if not job.keep_checkpoints:  # they exist to survive a crash; the finished student is saved above
+        for name in os.listdir(out):
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    if processing_class is not None:
+        processing_class.save_pretrained(out)
+    if save_extra is not None:
+        save_extra(out)
+    t_time, s_time = latency(teacher, speed_inputs), latency(student, speed_inputs)
+    shape = "x".join(str(d) for d in next(iter(speed_inputs.values())).shape)
+    report = {
+        "task": task, "teacher": teacher_name, "data": data, "machine": machine(),
+        "teacher_parameters": num_parameters(teacher), "student_parameters": num_parameters(student),
+        "compression_ratio": num_parameters(teacher) / num_parameters(student),
+        "speedup": t_time / s_time, "speed_input": f"input {shape}, teacher {t_time * 1e3:.1f} ms, "
+                                                   f"student {s_time * 1e3:.1f} ms",
+        "metrics": metrics, "train_seconds": seconds, "steps": trainer.state.global_step,
+        "student_layers": getattr(student.config, "hf_kd_teacher_layers", None),
+        "layer_scores": getattr(student.config, "hf_kd_layer_scores", None),
+        "config": {k: getattr(args, k) for k in ("temperature", "alpha_task", "kd_weight", "kd_loss", "hidden_weight",
+                                                 "hidden_loss", "learning_rate", "max_steps", "seed",
+                                                 "per_device_train_batch_size", "gradient_accumulation_steps")},
+        "notes": notes or [],
+    }
+    write_report(out, report, histories)
+    model_card(out, report, args)
+    if args.push_to_hub:
+        push_or_dry_run(trainer, out, job.dry_run)
+    torch.set_grad_enabled(True)
+    return report

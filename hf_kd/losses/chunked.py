@@ -1,0 +1,239 @@
+"""Chunked logit losses: the reference losses of :mod:`hf_kd.losses.logits`, computed a few tokens at a time.
+
+The reference losses build several float32 [tokens, vocab] tensors (log-probabilities of both models, the
+teacher's probabilities, the KL terms) and autograd keeps most of them for the backward pass. Here one
+``torch.autograd.Function`` walks over the counted positions ``chunk_size`` at a time, computes each
+chunk's loss *and* its analytic gradient with respect to the student logits, writes that gradient into a
+single buffer in the student logits' dtype, and frees the chunk's float32 temporaries. The backward pass
+only scales the buffer by the incoming gradient (in place): nothing else is kept for autograd, and no
+[tokens, vocab] float32 tensor of probabilities ever exists.
+
+Why store the gradient rather than recompute it in backward: recomputing would need both logits tensors
+kept alive until backward *and* a fresh [tokens, vocab] gradient there (3 such tensors at the backward
+peak, plus a second pass of exp/log); storing keeps one tensor and does the work once.
+
+Notation, per position: a = z_S / T, b = z_T / T, q = softmax(a) (student), p = softmax(b) (teacher).
+
+* forward KL   L = T^2 KL(p || q)                       dL/dz_S = T (q - p)
+* reverse KL   L = T^2 KL(q || p)                       dL/dz_S = T q (r - <q, r>),  r = log q - log p
+* JSD_beta     L = T^2 [beta KL(p || m) + (1 - beta) KL(q || m)],  m = beta p + (1 - beta) q
+               dL/dz_S = T (1 - beta) q (r - <q, r>),  r = log q - log m   (<q, r> = KL(q || m))
+* MSE          L = mean_v (z_S - z_T)^2 (no temperature) dL/dz_S = 2 (z_S - z_T) / V
+
+(JSD: beta H(p) + (1-beta) H(q) - H(m) rearranged gives dL/dq = (1-beta)(log q - log m); the softmax
+Jacobian turns a gradient g w.r.t. q into q (g - <q, g>) w.r.t. a, and dz = T da... times T^2 / T.)
+Terms with zero probability count 0 (0 log 0 = 0), so vocabulary entries that are -inf for both models
+(a masked vocabulary) contribute nothing to the loss and get a zero gradient. The teacher logits are
+treated as constants (no gradient flows to them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+Tensor = torch.Tensor
+KINDS = ("forward_kl", "reverse_kl", "jsd", "mse")
+
+
+# ---- per-chunk math: float32 [c, V] logits in, per-row loss [c] and dL/dz_S [c, V] out ---------------------
+
+def _log_softmax(z: Tensor, temperature: float) -> Tensor:
+    return F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
+def _forward_kl_rows(zs: Tensor, zt: Tensor, temperature: float, need_grad: bool):
+    """T^2 sum_v p (log p - log q) per row; gradient T (q - p)."""
+    log_q, log_p = _log_softmax(zs, temperature), _log_softmax(zt, temperature)
+    p = log_p.exp()
+    terms = (log_p - log_q).mul_(p).masked_fill_(p == 0, 0.0)
+    loss = terms.sum(-1).mul_(temperature ** 2)
+    del terms
+    grad = log_q.exp_().sub_(p).mul_(temperature) if need_grad else None
+    return loss, grad
+
+
+def _student_kl_rows(log_q: Tensor, log_target: Tensor, scale: float, temperature: float, need_grad: bool):
+    """scale * T^2 * KL(q || target) per row; gradient scale * T * q (r - KL), r = log q - log target."""
+    q = log_q.exp()
+    r = (log_q - log_target).masked_fill_(q == 0, 0.0)
+    kl = (q * r).sum(-1)
+    loss = kl * (scale * temperature ** 2)
+    grad = r.sub_(kl.unsqueeze(-1)).mul_(q).mul_(scale * temperature) if need_grad else None
+    return loss, grad
+
+
+def _reverse_kl_rows(zs: Tensor, zt: Tensor, temperature: float, need_grad: bool):
+    """T^2 sum_v q (log q - log p) per row."""
+    return _student_kl_rows(_log_softmax(zs, temperature), _log_softmax(zt, temperature), 1.0, temperature,
+                            need_grad)
+
+
+def _jsd_rows(zs: Tensor, zt: Tensor, beta: float, temperature: float, need_grad: bool):
+    """T^2 [beta KL(p || m) + (1 - beta) KL(q || m)] per row, m = beta p + (1 - beta) q (0 < beta < 1)."""
+    log_q, log_p = _log_softmax(zs, temperature), _log_softmax(zt, temperature)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    p = log_p.exp()
+    teacher_terms = (log_p - log_m).mul_(p).masked_fill_(p == 0, 0.0)
+    loss_t = teacher_terms.sum(-1).mul_(beta * temperature ** 2)
+    del teacher_terms, p, log_p
+    loss_s, grad = _student_kl_rows(log_q, log_m, 1.0 - beta, temperature, need_grad)
+    return loss_t + loss_s, grad
+
+
+def _mse_rows(zs: Tensor, zt: Tensor, need_grad: bool):
+    """mean_v (z_S - z_T)^2 per row; gradient 2 (z_S - z_T) / V."""
+    diff = zs - zt
+    loss = diff.square().mean(-1)
+    grad = diff.mul_(2.0 / zs.shape[-1]) if need_grad else None
+    return loss, grad
+
+
+def kd_rows(zs: Tensor, zt: Tensor, kind: str, *, beta: float = 0.5, temperature: float = 1.0,
+            need_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-row loss [c] and its gradient w.r.t. ``zs`` [c, V] (or None) for float32 logits [c, V].
+
+    Same semantics as the reference function of ``kind`` (jsd with beta 0 / 1 is forward / reverse KL).
+    """
+    if kind == "jsd" and beta == 0.0 or kind == "forward_kl":
+        return _forward_kl_rows(zs, zt, temperature, need_grad)
+    if kind == "jsd" and beta == 1.0 or kind == "reverse_kl":
+        return _reverse_kl_rows(zs, zt, temperature, need_grad)
+    if kind == "jsd":
+        return _jsd_rows(zs, zt, beta, temperature, need_grad)
+    if kind == "mse":
+        return _mse_rows(zs, zt, need_grad)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def check_kind(kind: str, beta: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+# ---- the chunked autograd function --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Options:
+    kind: str
+    beta: float
+    temperature: float
+    reduction: str
+    chunk_size: int
+    vocab_limit: int | None
+
+
+def counted_positions(mask: Tensor | None, shape: torch.Size, device) -> Tensor:
+    """Flat indices (over ``shape``) of the counted positions: all of them when ``mask`` is None."""
+    if mask is None:
+        return torch.arange(math.prod(shape), device=device)
+    if mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the logits' leading shape {tuple(shape)}")
+    return mask.to(device, torch.bool).reshape(-1).nonzero().squeeze(1)
+
+
+def _rows(x: Tensor, flat_idx: Tensor, width: int) -> Tensor:
+    """float32 rows x[..., :width] at flat leading positions ``flat_idx``: [len, width], for any strides."""
+    return x[torch.unravel_index(flat_idx, x.shape[:-1])][:, :width].float()
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, opts: _Options):
+        lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+        width = opts.vocab_limit or vocab
+        if teacher_logits.shape[:-1] != lead or teacher_logits.shape[-1] < width or width > vocab:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} do not match (vocab_limit={opts.vocab_limit})")
+        idx = counted_positions(mask, lead, student_logits.device)
+        factor = 1.0 / max(idx.numel(), 1) if opts.reduction == "mean" else 1.0
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student_logits, memory_format=torch.contiguous_format) if need_grad else None
+        per_pos = torch.zeros(lead.numel(), device=student_logits.device) if opts.reduction == "none" else None
+        total = torch.zeros((), dtype=torch.float64, device=student_logits.device)
+        for chunk in idx.split(opts.chunk_size):
+            loss, g = kd_rows(_rows(student_logits, chunk, width), _rows(teacher_logits, chunk, width), opts.kind,
+                              beta=opts.beta, temperature=opts.temperature, need_grad=need_grad)
+            if per_pos is not None:
+                per_pos.index_copy_(0, chunk, loss)
+            total += loss.sum(dtype=torch.float64)
+            if need_grad:
+                grad.view(-1, vocab)[:, :width].index_copy_(0, chunk, g.mul_(factor).to(grad.dtype))
+            del loss, g
+        ctx.grad, ctx.lead = grad, lead
+        if per_pos is not None:
+            return per_pos.view(lead)
+        return (total * factor).float()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        grad, ctx.grad = ctx.grad, None  # release the buffer as it is handed over
+        if grad is None:
+            raise RuntimeError("chunked logit loss: backward called twice (the gradient buffer is used once)")
+        scale = grad_output.reshape(ctx.lead + (1,)) if grad_output.dim() else grad_output
+        return grad.mul_(scale.to(grad.dtype)), None, None, None
+
+
+def chunked_logit_loss(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward_kl", *,
+                       beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None,
+                       reduction: str = "mean", chunk_size: int = 1024, vocab_limit: int | None = None) -> Tensor:
+    """Logit loss ``kind`` (forward_kl, reverse_kl, jsd, mse) over logits [..., V], ``chunk_size`` counted
+    positions at a time. ``mask`` (leading shape, True = counted) and ``reduction`` ("mean", "sum", "none")
+    as in the reference functions; ``vocab_limit`` compares only the first ``vocab_limit`` vocabulary
+    entries (the student's other entries get zero gradient), like slicing both logits first but without
+    the copy. The gradient w.r.t. the student logits is computed in the forward pass (see module doc).
+    """
+    check_kind(kind, beta)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    opts = _Options(kind, float(beta), float(temperature), reduction, int(chunk_size), vocab_limit)
+    return _ChunkedLogitLoss.apply(student_logits, teacher_logits.detach(), mask, opts)
+
+
+def chunked_forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+                       mask: Tensor | None = None, reduction: str = "mean", chunk_size: int = 1024,
+                       vocab_limit: int | None = None) -> Tensor:
+    """T^2 * KL(p_T || p_S), chunked (see :func:`chunked_logit_loss`)."""
+    return chunked_logit_loss(student_logits, teacher_logits, "forward_kl", temperature=temperature, mask=mask,
+                              reduction=reduction, chunk_size=chunk_size, vocab_limit=vocab_limit)
+
+
+def chunked_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+                       mask: Tensor | None = None, reduction: str = "mean", chunk_size: int = 1024,
+                       vocab_limit: int | None = None) -> Tensor:
+    """T^2 * KL(p_S || p_T), chunked (see :func:`chunked_logit_loss`)."""
+    return chunked_logit_loss(student_logits, teacher_logits, "reverse_kl", temperature=temperature, mask=mask,
+                              reduction=reduction, chunk_size=chunk_size, vocab_limit=vocab_limit)
+
+
+def chunked_generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5,
+                            temperature: float = 1.0, mask: Tensor | None = None, reduction: str = "mean",
+                            chunk_size: int = 1024, vocab_limit: int | None = None) -> Tensor:
+    """T^2 * JSD_beta (beta 0 = forward KL, 1 = reverse KL), chunked (see :func:`chunked_logit_loss`)."""
+    return chunked_logit_loss(student_logits, teacher_logits, "jsd", beta=beta, temperature=temperature,
+                              mask=mask, reduction=reduction, chunk_size=chunk_size, vocab_limit=vocab_limit)
+
+
+def chunked_logit_mse(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+                      mask: Tensor | None = None, reduction: str = "mean", chunk_size: int = 1024,
+                      vocab_limit: int | None = None) -> Tensor:
+    """mean_v (z_S - z_T)^2 per position, chunked; ``temperature`` is ignored as in the reference."""
+    return chunked_logit_loss(student_logits, teacher_logits, "mse", mask=mask, reduction=reduction,
+                              chunk_size=chunk_size, vocab_limit=vocab_limit)
+
+
+CHUNKED_LOGIT_LOSSES = {
+    "forward_kl": chunked_forward_kl,
+    "reverse_kl": chunked_reverse_kl,
+    "jsd": chunked_generalized_jsd,
+    "mse": chunked_logit_mse,
+}
