@@ -1,0 +1,154 @@
+"""Offline teacher cache: run the teacher once, keep per token its top-k log-probabilities at the training
+temperature, their ids and the log of the remaining mass; train later with no teacher in memory.
+
+The KL against a cached teacher treats the tail as one bucket:
+
+    KL_k(p_T || p_S) = sum_{i in K} p_i (log p_i - log q_i) + r (log r - log q_rest),
+    r = 1 - sum_{i in K} p_i,  q_rest = 1 - sum_{i in K} q_i,
+
+(times T^2), where K is the teacher's top-k set. By the log-sum inequality KL_k <= KL (exact when the
+teacher's tail is proportional to the student's); the student is still pushed to give the tail the mass
+the teacher gives it, not to shape it. ``scripts/cache_error.py`` measures the gap for several k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+
+from .losses.logits import reduce
+
+CACHE_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass")
+META_NAME = "hf_kd_teacher_cache.json"
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable; -inf where x == 0."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """(ids [..., k], log-probs [..., k], log tail mass [...]) of softmax(teacher_logits / T)."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values, ids = log_p.topk(k, dim=-1)
+    return ids, values, _log1mexp(torch.logsumexp(values, dim=-1))
+
+
+def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+            tail_logmass: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None,
+            reduction: str = "mean") -> torch.Tensor:
+    """T^2 * KL_k(p_T || p_S) with the teacher given by its cached top-k and tail (formula in the module doc)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_k = log_q.gather(-1, topk_ids.long())
+    log_q_rest = _log1mexp(torch.logsumexp(log_q_k, dim=-1))
+    log_p_k, log_r = topk_logprobs.float(), tail_logmass.float()
+    head = (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1)
+    r = log_r.exp()
+    # float32 resolves masses to ~1e-7: a floor of 1e-30 on the student's tail bounds rounding noise to ~1e-5
+    tail = torch.where(r > 0, r * (log_r - log_q_rest.clamp_min(-69.0)), torch.zeros_like(r))
+    return reduce((head + tail) * temperature**2, mask, reduction)
+
+
+@dataclasses.dataclass
+class CacheArguments:
+    """`hf-kd cache-teacher`: run a causal-LM teacher over packed text once and store its top-k."""
+
+    output_dir: str = dataclasses.field(default="outputs/teacher_cache", metadata={"help": "Where to save."})
+    teacher: str = dataclasses.field(default="smollm2", metadata={"help": "'smollm2' (packaged) or folder/Hub id."})
+    dataset: str = dataclasses.field(default="tales", metadata={"help": "'tales' or a datasets name."})
+    text_column: str = dataclasses.field(default="text", metadata={"help": "Text column."})
+    block_size: int = dataclasses.field(default=128, metadata={"help": "Tokens per packed sequence."})
+    max_blocks: int = dataclasses.field(default=0, metadata={"help": "Blocks to cache (0 = all)."})
+    k: int = dataclasses.field(default=32, metadata={"help": "Teacher log-probabilities kept per token."})
+    temperature: float = dataclasses.field(default=2.0, metadata={"help": "Temperature the cache is made at; "
+                                           "training must use the same."})
+    storage_dtype: str = dataclasses.field(default="float16", metadata={"help": "float16 or float32."})
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "Teacher batch size."})
+
+
+@torch.inference_mode()
+def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, temperature: float = 2.0,
+                        storage_dtype: str = "float16", batch_size: int = 8, teacher_name: str = "") -> dict:
+    """Add the cache columns to ``dataset`` (equal-length input_ids blocks) and save it with metadata.
+
+    Written to a temporary folder and renamed, so ``output_dir`` is complete or absent.
+    """
+    from datasets import Dataset, Sequence, Value
+    from tqdm.auto import tqdm
+    if k <= 0 or k > teacher.config.vocab_size:
+        raise ValueError(f"k must be in 1..{teacher.config.vocab_size}, got {k}")
+    if storage_dtype not in ("float16", "float32"):
+        raise ValueError(f"storage_dtype must be float16 or float32, got {storage_dtype!r}")
+    np_dtype = storage_dtype
+    teacher.eval()
+    rows = {c: [] for c in CACHE_COLUMNS}
+    for start in tqdm(range(0, len(dataset), batch_size), desc="teacher cache"):
+        batch = dataset[start:start + batch_size]
+        ids = torch.tensor(batch["input_ids"])
+        attn = torch.tensor(batch["attention_mask"]) if "attention_mask" in batch else None
+        logits = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        top_ids, top_lp, tail = topk_targets(logits, k, temperature)
+        for i in range(ids.shape[0]):
+            rows["teacher_topk_ids"].append(top_ids[i].to(torch.int32).tolist())
+            rows["teacher_topk_logprobs"].append(top_lp[i].tolist())
+            rows["teacher_tail_logmass"].append(tail[i].tolist())
+    features = dataset.features.copy()
+    features["teacher_topk_ids"] = Sequence(Sequence(Value("int32"), length=k))  # fixed size: no offsets
+    features["teacher_topk_logprobs"] = Sequence(Sequence(Value(np_dtype), length=k))
+    features["teacher_tail_logmass"] = Sequence(Value(np_dtype))
+    cached = Dataset.from_dict({**dataset.to_dict(), **rows}, features=features)
+    tmp = output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cached.save_to_disk(tmp)
+    tokens = len(dataset) * len(dataset[0]["input_ids"])
+    meta = {"k": k, "temperature": temperature, "storage_dtype": storage_dtype, "vocab_size": teacher.config.vocab_size,
+            "teacher": teacher_name, "tokens": tokens,
+            "cache_bytes_per_token": _column_bytes(cached, CACHE_COLUMNS) / tokens,
+            "disk_bytes_per_token": _dir_bytes(tmp) / tokens}
+    with open(os.path.join(tmp, META_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(tmp, output_dir)
+    return meta
+
+
+def _column_bytes(dataset, columns) -> int:
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    return sum(table.column(c).nbytes for c in columns)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def load_teacher_cache(path: str):
+    """(dataset with torch format, metadata) of a cache made by :func:`build_teacher_cache`."""
+    from datasets import load_from_disk
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path} is not an hf_kd teacher cache (no {META_NAME}); make one with "
+                                "`hf-kd cache-teacher`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return load_from_disk(path).with_format("torch"), meta
+
+
+def main(argv=None) -> dict:
+    from transformers import HfArgumentParser
+
+    from .data import pack_for_causal_lm
+    from .jobs.clm import CausalLMJob, load_teacher, load_text
+    (args,) = HfArgumentParser(CacheArguments).parse_args_into_dataclasses(args=argv)
+    teacher, tok = load_teacher(args.teacher)
+    train_text, _, name = load_text(CausalLMJob(dataset=args.dataset, text_column=args.text_column))
+    blocks = pack_for_causal_lm(train_text, tok, args.block_size, args.text_column, max_blocks=args.max_blocks or None)
+    meta = build_teacher_cache(teacher, blocks, args.output_dir, k=args.k, temperature=args.temperature,
+                               storage_dtype=args.storage_dtype, batch_size=args.batch_size, teacher_name=args.teacher)
+    print(json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,68 @@
+"""Offline teacher cache: the top-k KL, its exactness at k = V, and a cache built from a real (tiny) model."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_kd.losses import forward_kl
+from hf_kd.teacher_cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache, topk_kl, topk_targets
+
+
+def rand(*shape, seed=0, scale=3.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_full_k_equals_forward_kl(t):
+    s, te = rand(2, 5, 11, seed=1), rand(2, 5, 11, seed=2)
+    mask = torch.rand(2, 5) > 0.3
+    ids, lp, tail = topk_targets(te, 11, t)
+    got = topk_kl(s, ids, lp, tail, temperature=t, mask=mask)
+    assert got.item() == pytest.approx(forward_kl(s, te, temperature=t, mask=mask).item(), rel=1e-4, abs=1e-6)
+
+
+def test_tail_bucket_formula_and_lower_bound():
+    s, te = rand(6, 20, seed=3), rand(6, 20, seed=4)
+    k, t = 5, 2.0
+    ids, lp, tail = topk_targets(te, k, t)
+    p, q = torch.softmax(te / t, -1), torch.softmax(s / t, -1)
+    pk, qk = p.gather(-1, ids), q.gather(-1, ids)
+    r, qr = 1 - pk.sum(-1), 1 - qk.sum(-1)
+    want = ((pk * (pk / qk).log()).sum(-1) + r * (r / qr).log()).mean() * t * t
+    got = topk_kl(s, ids, lp, tail, temperature=t)
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert got.item() <= forward_kl(s, te, temperature=t).item() + 1e-6  # log-sum inequality
+
+
+def test_gradients_are_finite_for_peaked_teacher():
+    te = torch.zeros(3, 30)
+    te[:, 0] = 1e4  # all mass on one token: tail mass 0
+    s = rand(3, 30, seed=5).requires_grad_(True)
+    ids, lp, tail = topk_targets(te, 4, 1.0)
+    loss = topk_kl(s, ids, lp, tail)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+def test_build_and_load_cache(tmp_path):
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    ids = torch.randint(0, 64, (5, 12)).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 5, "labels": ids})
+    meta = build_teacher_cache(teacher, ds, str(tmp_path / "cache"), k=8, temperature=2.0, batch_size=2)
+    assert meta["k"] == 8 and meta["tokens"] == 60
+    assert meta["cache_bytes_per_token"] == pytest.approx(8 * 4 + 8 * 2 + 2, rel=0.05)
+    cached, meta2 = load_teacher_cache(str(tmp_path / "cache"))
+    assert meta2 == meta and set(CACHE_COLUMNS) <= set(cached.column_names)
+    row = cached[0]
+    with torch.no_grad():
+        ref_ids, ref_lp, ref_tail = topk_targets(teacher(input_ids=torch.tensor([ids[0]])).logits[0], 8, 2.0)
+    assert torch.equal(row["teacher_topk_ids"].long(), ref_ids)
+    torch.testing.assert_close(row["teacher_topk_logprobs"].float(), ref_lp, atol=2e-2, rtol=1e-3)
+    assert not os.path.exists(str(tmp_path / "cache") + ".tmp")
+    with pytest.raises(FileNotFoundError, match="cache-teacher"):
+        load_teacher_cache(str(tmp_path))
