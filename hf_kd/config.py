@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -67,16 +68,20 @@ class DistillationConfig(TrainingArguments):
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
     kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk for chunked/fused logit losses."})
+    teacher_cache: str | None = field(default=None, metadata={"help": "Folder made by `hf-kd cache-teacher`: "
+                                      "train from the teacher's cached top-k with no teacher in memory (forward_kl "
+                                      "only, same temperature; train_dataset defaults to the cache)."})
     nan_policy: str = field(default="stop", metadata={"help": "Non-finite teacher/student outputs or loss: "
                             "'stop' raises with step and batch, 'skip' drops that batch's loss (logged)."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; 1 is plain softmax, 2-4 is usual")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1 is plain softmax, "
+                             "2-4 is usual")
         for name in ("alpha_task", "kd_weight", "hidden_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.alpha_task == 0 and self.kd_weight == 0 and self.hidden_weight == 0:
             raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
         if self.kd_loss not in LOGIT_LOSSES:

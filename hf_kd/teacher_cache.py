@@ -28,8 +28,9 @@ META_NAME = "hf_kd_teacher_cache.json"
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable; -inf where x == 0."""
-    x = x.clamp(max=0.0)
+    """log(1 - exp(x)) for x <= 0, stable. Masses below float32's resolution (x > -1e-7) floor at 1e-7 so that
+    neither branch of the where has an infinite gradient (which would turn into NaN)."""
+    x = x.clamp(max=-1e-7)
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -50,9 +51,34 @@ def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
     log_p_k, log_r = topk_logprobs.float(), tail_logmass.float()
     head = (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1)
     r = log_r.exp()
-    # float32 resolves masses to ~1e-7: a floor of 1e-30 on the student's tail bounds rounding noise to ~1e-5
-    tail = torch.where(r > 0, r * (log_r - log_q_rest.clamp_min(-69.0)), torch.zeros_like(r))
+    tail = r * (log_r - log_q_rest)  # both masses >= 1e-7 (float32's resolution), so finite
     return reduce((head + tail) * temperature**2, mask, reduction)
+
+
+def cached_kl_sum(student_logits, cached: dict, mask, task: str, temperature: float) -> torch.Tensor:
+    """The trainer's KD sum against cached columns (causal LMs: position i of both predicts token i+1)."""
+    ids, lp, tail = (cached[c] for c in CACHE_COLUMNS)
+    if task == "causal_lm":
+        student_logits, ids, lp, tail = student_logits[:, :-1], ids[:, :-1], lp[:, :-1], tail[:, :-1]
+    return topk_kl(student_logits, ids, lp, tail, temperature=temperature, mask=mask, reduction="sum")
+
+
+def check_cache(meta: dict, student, args, task: str) -> None:
+    """Fail fast when a cache cannot serve this student and config."""
+    problems = []
+    if abs(meta["temperature"] - args.temperature) > 1e-9:
+        problems.append(f"the cache was made at temperature {meta['temperature']}, the config asks for "
+                        f"{args.temperature} (set temperature={meta['temperature']} or remake the cache)")
+    if meta["vocab_size"] != student.config.vocab_size:
+        problems.append(f"cache vocabulary {meta['vocab_size']} != student vocabulary {student.config.vocab_size}")
+    if args.hidden_weight > 0:
+        problems.append("hidden-state losses need the teacher's hidden states: set hidden_weight=0")
+    if args.kd_weight > 0 and args.kd_loss != "forward_kl":
+        problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {args.kd_loss!r}")
+    if task != "causal_lm":
+        problems.append(f"teacher caches are made for causal LMs; this student is a {task} model")
+    if problems:
+        raise ValueError("teacher_cache " + "; ".join(problems))
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from . import reliability
 from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .signals import (CAUSAL_LM, CLASSIFICATION, base_model_of, build_projections, check_layer_map,
@@ -32,8 +33,11 @@ def load_teacher(path_or_id: str, task: str):
     """Load a teacher for ``task`` from a local folder or a Hub id, with a clear error if it is not a model."""
     from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM,
                               AutoModelForSequenceClassification)
+    if os.path.isfile(path_or_id):
+        raise ValueError(f"teacher path {path_or_id!r} is a file: pass the folder that holds config.json and the "
+                         "weights (what save_pretrained wrote), or a Hub model id")
     if os.path.sep in str(path_or_id) and not os.path.isdir(path_or_id):
-        raise FileNotFoundError(f"teacher path {path_or_id!r} does not exist")
+        raise FileNotFoundError(f"teacher path {path_or_id!r} does not exist: check the path, or pass a Hub model id")
     if os.path.isdir(path_or_id) and not os.path.isfile(os.path.join(path_or_id, "config.json")):
         raise ValueError(f"teacher path {path_or_id!r} is a folder without config.json: not a saved model")
     auto = {CAUSAL_LM: AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(task)
@@ -77,6 +81,9 @@ def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
     if t_task != task:
         raise ValueError(f"teacher is a {t_task} model ({type(teacher).__name__}) but the student is a {task} "
                          f"model ({type(student).__name__}); use the same kind of head for both")
+    if task == "encoder" and (args.kd_weight > 0 or args.alpha_task > 0):  # a head-less base model has no logits
+        raise ValueError(f"{type(student).__name__} has no head (no logits, no task loss): distil it with hidden-state "
+                         "losses only (kd_weight=0, alpha_task=0, hidden_weight > 0)")
     if task == CLASSIFICATION:
         s, t = student.config, teacher.config
         if s.num_labels != t.num_labels:
@@ -93,12 +100,19 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the global count itself
 
-    def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, **kwargs):
+    def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None,
+                 teacher_processing_class=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
-        if model is None or teacher_model is None:
-            raise ValueError("DistillationTrainer needs model= (the student) and teacher_model=")
+        if model is None or (teacher_model is None) == (args.teacher_cache is None):
+            raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model= or "
+                             "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both")
         self.task = task_of(model)
+        if args.teacher_cache is not None:
+            return self._init_from_cache(model, args, **kwargs)
+        reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
+        if args.should_save:
+            reliability.check_output_dir(args.output_dir)
         if isinstance(teacher_model, (str, os.PathLike)):
             teacher_model = load_teacher(str(teacher_model), self.task)
         student = base_model_of(model)
@@ -116,6 +130,25 @@ class DistillationTrainer(Trainer):
                                              args.use_projection).to(self.accelerator.device)
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._batches = {"train": 0, "eval": 0}
+        self._reliability_init()
+
+    def _init_from_cache(self, model, args, **kwargs):
+        """Train from an offline teacher cache: no teacher in memory, the KD term is the top-k KL."""
+        from .teacher_cache import check_cache, load_teacher_cache
+        cache, meta = load_teacher_cache(args.teacher_cache)
+        check_cache(meta, base_model_of(model), args, self.task)
+        kwargs.setdefault("train_dataset", cache)
+        self.kd_vocab, self.layer_pairs, self.teacher = None, None, None
+        super().__init__(model=model, args=args, **kwargs)
+        self.projections = nn.ModuleList()
+        self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._batches = {"train": 0, "eval": 0}
+        self._reliability_init()
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        from .teacher_cache import CACHE_COLUMNS
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, "labels", *CACHE_COLUMNS]))
 
     # ---- teacher -------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
@@ -175,7 +208,13 @@ class DistillationTrainer(Trainer):
                              "(e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
         masks = position_masks(inputs, self.task, args.kd_positions)
         need_hidden = self.layer_pairs is not None
-        teacher_out = self._teacher_outputs(inputs, need_hidden) if args.kd_weight > 0 or need_hidden else None
+        from .teacher_cache import CACHE_COLUMNS
+        cached = {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
+        if self.teacher is None and args.kd_weight > 0 and not cached:
+            raise ValueError("training from a teacher cache, but the batch has no teacher_topk_* columns: use the "
+                             "cache as train_dataset (or keep its columns)")
+        need_teacher = self.teacher is not None and (args.kd_weight > 0 or need_hidden)
+        teacher_out = self._teacher_outputs(inputs, need_hidden) if need_teacher else None
         kwargs = {"output_hidden_states": True} if need_hidden else {}
         if getattr(base_model_of(model).config, "use_cache", None) is not None:
             kwargs["use_cache"] = False
@@ -194,13 +233,19 @@ class DistillationTrainer(Trainer):
                                                                 base_model_of(model).config)
             parts["task"] = task_sum / counts["task"]
         if args.kd_weight > 0:
-            kd_sum = sums["kd"] if fused else self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
+            if cached:
+                from .teacher_cache import cached_kl_sum
+                kd_sum = cached_kl_sum(outputs.logits, cached, masks["kd"], self.task, args.temperature)
+            else:
+                kd_sum = sums["kd"] if fused else self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
             parts["kd"] = kd_sum / counts["kd"]
         if need_hidden:
             parts["hidden"] = self._hidden_loss_sum(outputs.hidden_states, teacher_out.hidden_states,
                                                     masks["hidden"]) / counts["hidden"]
         weights = {"task": args.alpha_task, "kd": args.kd_weight, "hidden": args.hidden_weight}
         loss = sum(weights[k] * v for k, v in parts.items()) * counts["scale"]
+        if not torch.isfinite(loss):  # cheap check on the total; the culprit is looked for only now
+            loss, parts = self._nonfinite_loss(model, loss, parts, outputs, teacher_out)
         self._record(parts, counts["scale"], model.training)
         if return_outputs and getattr(outputs, "hidden_states", None) is not None:
             outputs.hidden_states = None  # keep evaluation from gathering them
@@ -259,6 +304,7 @@ class DistillationTrainer(Trainer):
             logs.update({f"{prefix}{k}_loss": round(float(v) / steps, 6) for k, v in zip(names, values)})
         self._stats[mode].clear()
         self._batches[mode] = 0
+        self._log_skipped(logs, mode)
         super().log(logs, start_time)
 
     # ---- projections: trained with the student, saved with checkpoints, never in the student --------
@@ -270,6 +316,7 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._begin_micro_batch(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.num_processes > 1:  # DDP does not see the projections: average their grads
             for p in self.projections.parameters():
@@ -288,3 +335,148 @@ class DistillationTrainer(Trainer):
             state = torch.load(os.path.join(checkpoint, PROJECTIONS_NAME), map_location=self.accelerator.device)
             self.projections.load_state_dict(state)
         super()._load_optimizer_and_scheduler(checkpoint)
+
+    # ---- reliability: bad input, non-finite losses, interrupts, atomic saves (hf_kd/reliability.py) ---------
+    def _reliability_init(self) -> None:
+        self._skipped = 0  # micro-batches dropped by nan_policy='skip' (this process)
+        self._micro = (-1, -1)  # (global step, micro-batch index within it) of the running training_step
+        self._max_len = reliability.position_limit(self)
+        self.interrupt = reliability.GracefulInterrupt()  # SIGINT/SIGTERM: save a checkpoint, stop cleanly
+        self.add_callback(self.interrupt)
+        reliability.check_training_data(self, self.train_dataset, "train_dataset")
+        reliability.check_training_data(self, self.eval_dataset, "eval_dataset")
+
+    def _begin_micro_batch(self, inputs) -> None:
+        step, index = self._micro
+        self._micro = (self.state.global_step, index + 1 if step == self.state.global_step else 0)
+        if self._micro[1] == 0:  # a new optimizer step: Trainer zeroes only the model's gradients, not the
+            self.projections.zero_grad(set_to_none=True)  # projections' (they would add up across steps)
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        if self._max_len is not None and torch.is_tensor(ids) and ids.shape[-1] > self._max_len:  # streamed data
+            reliability.check_batch(self, inputs, f"micro-batch {self._micro[1]} of global step {step + 1}", False)
+
+    def _nonfinite_loss(self, model, loss, parts, outputs, teacher_out):
+        """The loss is NaN/inf: name the step, micro-batch and culprit; raise (nan_policy='stop') or return a zero
+        loss still connected to the graph so backward and DDP work (nan_policy='skip', training only)."""
+        training, args = model.training, self.args
+        if training:
+            step, index = self._micro
+            where = (f"global step {step + 1} ({step} completed, epoch {self.state.epoch or 0:.2f}), micro-batch "
+                     f"{index} (of {args.gradient_accumulation_steps} per step)")
+        else:
+            where = f"evaluation batch {self._batches['eval']} (at global step {self.state.global_step})"
+        found = reliability.nonfinite_report({"teacher logits": getattr(teacher_out, "logits", None),
+                                              "student logits": getattr(outputs, "logits", None)})
+        found = found or reliability.nonfinite_report({
+            "teacher hidden state": getattr(teacher_out, "hidden_states", None) or (),
+            "student hidden state": getattr(outputs, "hidden_states", None) or ()})
+        found += [f"{k} loss = {float(v.detach())}" for k, v in parts.items() if not torch.isfinite(v)]
+        diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        culprit = "; ".join(found) or "the weighted sum overflowed"
+        message = f"non-finite loss ({float(loss.detach())}) at {where}: {culprit}."
+        if any(f.startswith("teacher") for f in found):
+            message += (" The teacher produced NaN/inf: check its weights and teacher_dtype (float16 overflows "
+                        "easily; use bfloat16 or float32).")
+        if diverged or any(f.startswith("student") for f in found):
+            message += (f" The student's {'weights are' if diverged else 'outputs are'} not finite: lower "
+                        "learning_rate, keep max_grad_norm > 0, prefer bf16 to fp16, or resume from an earlier "
+                        "checkpoint.")
+        if training and args.nan_policy == "skip" and not diverged:
+            self._skipped += 1
+            reliability.logger.warning(message + " Skipping this micro-batch (nan_policy='skip').")
+            params = [p for m in (model, self.projections) for p in m.parameters() if p.requires_grad]
+            zero = sum((p.reshape(-1)[:1].float() * 0.0).sum() for p in params)  # zero grads, finite, connected
+            return zero, {k: torch.zeros((), device=zero.device) for k in parts}
+        if not training and args.nan_policy == "skip":
+            reliability.logger.warning(message + " Kept in the evaluation loss so it shows (nan_policy='skip' "
+                                       "drops training batches only).")
+            return loss, parts
+        message += (" nan_policy='skip' cannot recover from non-finite weights." if args.nan_policy == "skip" else
+                    " nan_policy='stop'; set nan_policy='skip' to drop such micro-batches and continue (they are "
+                    "counted as skipped_batches in the logs).")
+        raise FloatingPointError(message)
+
+    def _log_skipped(self, logs: dict, mode: str) -> None:
+        if mode != "train" or self.args.nan_policy != "skip":
+            return
+        total = torch.tensor(float(self._skipped), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        logs["skipped_batches"] = int(total)
+
+    def train(self, *train_args, **train_kwargs):
+        try:
+            return super().train(*train_args, **train_kwargs)
+        finally:  # also when training raises: never leave our signal handlers installed
+            self.interrupt.restore()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Atomic checkpoints: checkpoint-N is complete or absent.
+
+        Trainer names the folder itself (``checkpoint-<global_step>`` under ``_get_output_dir(trial)``), so for the
+        duration of super()'s call ``_get_output_dir`` points at a hidden staging folder beside it
+        (``.checkpoint-N.hf_kd-tmp/``); once every process has written its part, the finished folder is renamed
+        into place, and rotation (save_total_limit) runs after the rename. get_last_checkpoint and
+        resume_from_checkpoint=True therefore never see a half-written checkpoint; a killed save leaves only a
+        hidden staging folder, removed by the next save of that step. With push_to_hub (background upload from the
+        folder) Trainer's in-place save is kept.
+        """
+        if self.args.push_to_hub:
+            return super()._save_checkpoint(model, trial)
+        import shutil
+
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging = reliability.staging_path(final)
+        staged = os.path.join(staging, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            del self._get_output_dir
+        best = self.state.best_model_checkpoint
+        if best and os.path.abspath(best) == os.path.abspath(staged):  # super() saw the staged path
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            reliability.publish_dir(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Atomic save: the model is written to a hidden sibling folder and renamed into place, so a failed save
+        never leaves a partial folder that looks complete. An existing non-empty folder (e.g. the run's
+        output_dir with its checkpoints) receives the finished files one rename each. DeepSpeed, FSDP, XLA,
+        SageMaker and push_to_hub keep Trainer's in-place save."""
+        import shutil
+
+        from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
+        target = output_dir if output_dir is not None else self.args.output_dir
+        if (_internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled
+                or self.args.push_to_hub or is_torch_xla_available() or is_sagemaker_mp_enabled()):
+            return super().save_model(output_dir, _internal_call)
+        staging = reliability.staging_path(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            super().save_model(staging, _internal_call=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if os.path.isdir(target) and os.listdir(target):
+            reliability.merge_into_dir(staging, target)
+        else:
+            reliability.publish_dir(staging, target)

@@ -66,3 +66,28 @@ def test_build_and_load_cache(tmp_path):
     assert not os.path.exists(str(tmp_path / "cache") + ".tmp")
     with pytest.raises(FileNotFoundError, match="cache-teacher"):
         load_teacher_cache(str(tmp_path))
+
+
+def test_trainer_trains_from_cache_with_no_teacher(tmp_path):
+    from hf_kd import DistillationConfig, DistillationTrainer, make_student
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    ids = torch.randint(0, 64, (8, 12)).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 8, "labels": ids})
+    build_teacher_cache(teacher, ds, str(tmp_path / "cache"), k=64, temperature=2.0, storage_dtype="float32")
+    student = make_student(teacher, num_layers=1)
+    base = dict(output_dir=str(tmp_path / "o"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                save_strategy="no", disable_tqdm=True, logging_steps=1, temperature=2.0, seed=0)
+    trainer = DistillationTrainer(model=student, args=DistillationConfig(teacher_cache=str(tmp_path / "cache"), **base))
+    assert trainer.teacher is None
+    trainer.train()
+    cached_logs = [h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h]
+    online = DistillationTrainer(model=make_student(teacher, num_layers=1), teacher_model=teacher,
+                                 args=DistillationConfig(kd_impl="full", **base), train_dataset=ds)
+    online.train()
+    online_logs = [h["kd_loss"] for h in online.state.log_history if "kd_loss" in h]
+    assert cached_logs == pytest.approx(online_logs, rel=1e-3)  # k = V, float32: the same objective
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationTrainer(model=student, args=DistillationConfig(teacher_cache=str(tmp_path / "cache"),
+                                                                   **{**base, "temperature": 1.0}))

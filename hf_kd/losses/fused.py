@@ -48,7 +48,11 @@ class _Options:
 
 
 def _ce_rows(z: Tensor, labels: Tensor, need_grad: bool):
-    """Cross-entropy per row, logsumexp(z) - z[y], and its gradient softmax(z) - onehot(y) (overwrites z)."""
+    """Cross-entropy per row, logsumexp(z) - z[y], and its gradient softmax(z) - onehot(y) (overwrites z).
+
+    z is shifted by its row max first, so softmax(z) = exp(z - lse) is accurate to the rounding of the result.
+    """
+    z.sub_(z.amax(dim=-1, keepdim=True))
     lse = torch.logsumexp(z, dim=-1)
     loss = lse - z.gather(1, labels.unsqueeze(1)).squeeze(1)
     if not need_grad:
@@ -68,8 +72,9 @@ def _chunk_logit_grad(t: dict, chunk: Tensor, kd_mask: Tensor, o: _Options, coef
     if t["ht"] is not None:
         bt = t["bt"][:width] if t["bt"] is not None else None
         zt = F.linear(t["ht"].index_select(0, chunk), t["wt"][:width], bt).float()
-        loss, g = kd_rows(zs[:, :width], zt, o.kind, beta=o.beta, temperature=o.temperature, need_grad=need)
-        del zt
+        student = zs[:, :width].clone() if t["labels"] is not None else zs[:, :width]  # CE needs zs later
+        loss, g = kd_rows(student, zt, o.kind, beta=o.beta, temperature=o.temperature, need_grad=need, overwrite=True)
+        del zt, student
         counted = kd_mask[chunk]
         kd_sum = torch.where(counted, loss, 0.0).sum(dtype=torch.float64)
         if need:
@@ -164,7 +169,8 @@ def _check_inputs(hs, ws, bs, ht, wt, bt, labels, mask, vocab_limit) -> None:
     n, v = hs.shape[0], ws.shape[0]
     width = vocab_limit or v
     if hs.dim() != 2 or ws.dim() != 2 or ws.shape[1] != hs.shape[1] or (bs is not None and bs.shape != (v,)):
-        raise ValueError(f"student hidden {tuple(hs.shape)} / head weight {tuple(ws.shape)}: expected [N, D] and [V, D]")
+        raise ValueError(f"student hidden {tuple(hs.shape)} / head weight {tuple(ws.shape)}: "
+                         "expected [N, D] and [V, D]")
     if width > v:
         raise ValueError(f"vocab_limit {vocab_limit} exceeds the student vocabulary {v}")
     if ht is not None and (ht.dim() != 2 or ht.shape[0] != n or wt is None or wt.shape[1] != ht.shape[1]
@@ -298,7 +304,8 @@ def forward_hidden(model: nn.Module, inputs: dict, check: bool = True, **kwargs)
     core = base_model_of(model)
     body = core.base_model
     if body is core or core.get_output_embeddings() is None:
-        raise ValueError(f"kd_impl='fused' needs a causal LM with a base model and an LM head; got {type(core).__name__}")
+        raise ValueError("kd_impl='fused' needs a causal LM with a base model and an LM head; "
+                         f"got {type(core).__name__}")
     if check:
         _check_logits_from_hidden(core, inputs)
     captured = []
@@ -314,6 +321,9 @@ def forward_hidden(model: nn.Module, inputs: dict, check: bool = True, **kwargs)
             outputs.logits = None
     finally:
         handle.remove()
+    if not captured:
+        raise ValueError(f"{type(core).__name__}.forward did not call its base model {type(body).__name__}: "
+                         "kd_impl='fused' cannot find the LM head's input; use 'chunked'")
     return outputs, captured[-1]
 
 
@@ -357,5 +367,6 @@ def fused_student_pass(model: nn.Module, inputs: dict, teacher: nn.Module | None
                            teacher_out.last_hidden_state if use_kd else None, labels if use_ce else None, kd_mask,
                            kind=args.kd_loss, beta=args.jsd_beta, temperature=args.temperature,
                            chunk_size=args.kd_chunk_size, vocab_limit=kd_vocab,
-                           kd_coef=args.kd_weight / float(counts["kd"]), ce_coef=args.alpha_task / float(counts["task"]))
+                           kd_coef=args.kd_weight / float(counts["kd"]),
+                           ce_coef=args.alpha_task / float(counts["task"]))
     return outputs, {"kd": kd, "task": ce}
