@@ -35,7 +35,7 @@ class CausalLMJob(JobArguments):
     layer_strategy: str = dataclasses.field(default="importance", metadata={"help": "make_student strategy: "
                                             "importance, distilbert, uniform, first, last."})
     calibration_batches: int = dataclasses.field(default=4, metadata={"help": "Batches scored by 'importance'."})
-    eval_blocks: int = dataclasses.field(default=0, metadata={"help": "Held-out blocks to evaluate (0 = all)."})
+    eval_blocks: int = dataclasses.field(default=64, metadata={"help": "Held-out blocks to evaluate (0 = all)."})
 
 
 def load_teacher(name: str):
