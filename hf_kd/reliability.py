@@ -211,12 +211,12 @@ def check_batch(trainer, batch, where: str, need_labels: bool = True) -> None:
                                      f"built for {hw} (config.image_size): resize them with the model's image "
                                      f"processor (size={{'height': {hw[0]}, 'width': {hw[1]}}})")
     if trainer.task == CLASSIFICATION and torch.is_tensor(labels) and labels.dim() == 1 and labels.numel() \
-            and not labels.is_floating_point() and student.num_labels > 1:
-        bad = labels[(labels != -100) & ((labels < 0) | (labels >= student.num_labels))]
+            and not labels.is_floating_point() and configs[0].num_labels > 1:
+        n = configs[0].num_labels  # the student's (check_pair made the teacher's equal)
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= n))]
         if bad.numel():
-            raise ValueError(f"{where} has class label {int(bad[0])} but the models have {student.num_labels} labels "
-                             f"(0..{student.num_labels - 1}): build teacher and student with the data's num_labels "
-                             "or fix the label column")
+            raise ValueError(f"{where} has class label {int(bad[0])} but the models have {n} labels (0..{n - 1}): "
+                             "build teacher and student with the data's num_labels or fix the label column")
 
 
 def _rejects(model, pixels) -> bool:
