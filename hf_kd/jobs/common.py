@@ -4,6 +4,7 @@ run, and the report."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -58,21 +59,34 @@ def parse(job_cls, argv: list[str] | None, defaults: dict, quick: dict):
     return parser.parse_args_into_dataclasses(args=_as_args(values) + argv)
 
 
+class Interrupted(SystemExit):
+    """Training was stopped by SIGINT/SIGTERM after saving a checkpoint: the job ends without a report."""
+
+
 def _train(trainer) -> float:
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    if trainer.interrupt.received is not None:  # checkpoint saved by the trainer; keep it, report nothing
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}: checkpoint saved in "
+                          f"{trainer.args.output_dir}; continue with --resume_from_checkpoint true")
     return time.perf_counter() - start
 
 
 def distill_and_report(job, args: DistillationConfig, *, teacher, new_student, train_dataset, eval_batches: list,
                        task: str, collator=None, processing_class=None, data: str, teacher_name: str,
-                       speed_inputs: dict, save_extra=None, notes: list[str] | None = None) -> dict:
+                       speed_inputs: dict, save_extra=None, notes: list[str] | None = None,
+                       baseline_metrics: dict | None = None) -> dict:
     """Evaluate teacher and fresh student, distil, train the no-teacher baseline, evaluate, save, report.
 
     ``new_student()`` must build the same initial student every call (the baseline starts where KD started).
+    ``baseline_metrics``: the caller's own baseline row, used instead of a trained one (for a job with no task
+    loss, where a no-teacher run has nothing to train on).
     """
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
+    push = args.push_to_hub
+    if push and job.dry_run:  # the Trainer creates the Hub repo at init when push_to_hub is on: not in a dry run
+        args = dataclasses.replace(args, push_to_hub=False)
     student = new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, task, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, task, teacher, desc="eval student before")}
@@ -81,7 +95,9 @@ def distill_and_report(job, args: DistillationConfig, *, teacher, new_student, t
     seconds = {"distillation": _train(trainer)}
     metrics["student_after"] = evaluate(student, eval_batches, task, teacher, desc="eval student after")
     histories = {"distillation": trainer.state.log_history}
-    if job.baseline:
+    if baseline_metrics is not None:
+        metrics["baseline_no_teacher"] = baseline_metrics
+    elif job.baseline:
         tmp = tempfile.mkdtemp(prefix="hf_kd_baseline_")
         try:
             base_args = dataclasses.replace(args, output_dir=tmp, kd_weight=0.0, hidden_weight=0.0, alpha_task=1.0,
@@ -122,7 +138,46 @@ def distill_and_report(job, args: DistillationConfig, *, teacher, new_student, t
     }
     write_report(out, report, histories)
     model_card(out, report, args)
-    if args.push_to_hub:
+    if push:
         push_or_dry_run(trainer, out, job.dry_run)
     torch.set_grad_enabled(True)
     return report
+
+
+def cached_folder(name: str, recipe: dict, build) -> str:
+    """``cache_dir()/name``, built once by ``build(tmp_folder) -> info dict`` into a temporary folder that is then
+    renamed into place (atomic); rebuilt when ``recipe`` differs from the one recorded in hf_kd_prepared.json."""
+    from ..assets import cache_dir
+    final = cache_dir() / name
+    record = final / "hf_kd_prepared.json"
+
+    def ready() -> bool:
+        try:
+            return json.loads(record.read_text()).get("recipe") == recipe
+        except (OSError, ValueError):
+            return False
+    if ready():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent)
+    try:
+        info = build(tmp)
+        with open(os.path.join(tmp, "hf_kd_prepared.json"), "w") as f:
+            json.dump({"recipe": recipe, **info}, f, indent=2)
+        if not ready():  # nobody else finished meanwhile
+            if final.exists():  # a stale recipe or an incomplete leftover
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process won the race
+                if not ready():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def prepared_info(folder: str) -> dict:
+    """What :func:`cached_folder` recorded about a prepared folder."""
+    with open(os.path.join(folder, "hf_kd_prepared.json")) as f:
+        return json.load(f)

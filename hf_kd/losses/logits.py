@@ -93,5 +93,7 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor, *, temperature: fl
     Raw logits, no softmax; ``temperature`` is accepted for a uniform signature and ignored. Also the
     output-matching loss for regression heads (one "class").
     """
-    per_pos = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+    diff = student_logits.float() - teacher_logits.float()
+    diff = torch.where(student_logits == teacher_logits, torch.zeros_like(diff), diff)  # -inf - -inf is not NaN
+    per_pos = diff.pow(2).mean(-1)
     return reduce(per_pos, mask, reduction)
