@@ -1,5 +1,5 @@
 """Reliability: clear errors for bad input before any training step, non-finite loss reports, graceful
-SIGINT/SIGTERM handling and atomic folder publication. The trainer calls these; see docs/troubleshooting.md.
+SIGINT/SIGTERM handling (atomic saves: hf_kd/checkpoints.py). The trainer calls these; see docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import importlib
 import logging
 import os
 import random
-import re
-import shutil
 import signal
 import tempfile
 import threading
@@ -27,7 +25,6 @@ logger = logging.getLogger(__name__)
 # Models whose position ids start after the padding index (RoBERTa family): usable length is shorter.
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
                      "data2vec-text", "ibert", "mpnet"}
-_WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
 def require(package: str, pip_name: str | None = None, purpose: str = "this feature"):
@@ -301,33 +298,43 @@ class GracefulInterrupt(TrainerCallback):
         self.restore()
 
 
-# ---- atomic folders ------------------------------------------------------------------------------------
-def publish_dir(src: str, dst: str) -> None:
-    """Make the complete folder ``src`` appear at ``dst`` with renames (same filesystem): ``dst`` is either the
-    old complete folder, absent for an instant, or the new complete folder; never a partial one."""
-    if not os.path.exists(dst):
-        return os.replace(src, dst)
-    old = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.hf_kd-old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def merge_into_dir(src: str, dst: str) -> None:
-    """Move the complete save in ``src`` into the existing folder ``dst`` entry by entry (each rename atomic),
-    dropping weight files of an earlier save that the new one does not have (e.g. old shards)."""
-    new = set(os.listdir(src))
-    for name in new:
-        (publish_dir if os.path.isdir(os.path.join(src, name)) else os.replace)(os.path.join(src, name),
-                                                                                 os.path.join(dst, name))
-    for name in set(os.listdir(dst)) - new:
-        if _WEIGHT_FILE.match(name) and os.path.isfile(os.path.join(dst, name)):
-            os.remove(os.path.join(dst, name))
-    shutil.rmtree(src, ignore_errors=True)
-
-
-def staging_path(target: str) -> str:
-    """A hidden sibling of ``target`` (same filesystem, same name on every process)."""
-    head, name = os.path.split(os.path.abspath(target))
-    return os.path.join(head, f".{name}.hf_kd-tmp")
+def handle_nonfinite(trainer, model, loss, parts, outputs, teacher_out):
+    """The loss is NaN/inf: name the step, micro-batch and culprit; raise (nan_policy='stop') or return a zero
+    loss still connected to the graph so backward and DDP work (nan_policy='skip', training only)."""
+    training, args = model.training, trainer.args
+    if training:
+        step, index = trainer._micro
+        where = (f"global step {step + 1} ({step} completed, epoch {trainer.state.epoch or 0:.2f}), micro-batch "
+                 f"{index} (of {args.gradient_accumulation_steps} per step)")
+    else:
+        where = f"evaluation batch {trainer._batches['eval']} (at global step {trainer.state.global_step})"
+    found = nonfinite_report({"teacher logits": getattr(teacher_out, "logits", None),
+                                          "student logits": getattr(outputs, "logits", None)})
+    found = found or nonfinite_report({
+        "teacher hidden state": getattr(teacher_out, "hidden_states", None) or (),
+        "student hidden state": getattr(outputs, "hidden_states", None) or ()})
+    found += [f"{k} loss = {float(v.detach())}" for k, v in parts.items() if not torch.isfinite(v)]
+    diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    culprit = "; ".join(found) or "the weighted sum overflowed"
+    message = f"non-finite loss ({float(loss.detach())}) at {where}: {culprit}."
+    if any(f.startswith("teacher") for f in found):
+        message += (" The teacher produced NaN/inf: check its weights and teacher_dtype (float16 overflows "
+                    "easily; use bfloat16 or float32).")
+    if diverged or any(f.startswith("student") for f in found):
+        message += (f" The student's {'weights are' if diverged else 'outputs are'} not finite: lower "
+                    "learning_rate, keep max_grad_norm > 0, prefer bf16 to fp16, or resume from an earlier "
+                    "checkpoint.")
+    if training and args.nan_policy == "skip" and not diverged:
+        trainer._skipped += 1
+        logger.warning(message + " Skipping this micro-batch (nan_policy='skip').")
+        params = [p for m in (model, trainer.projections) for p in m.parameters() if p.requires_grad]
+        zero = sum((p.reshape(-1)[:1].float() * 0.0).sum() for p in params)  # zero grads, finite, connected
+        return zero, {k: torch.zeros((), device=zero.device) for k in parts}
+    if not training and args.nan_policy == "skip":
+        logger.warning(message + " Kept in the evaluation loss so it shows (nan_policy='skip' "
+                                   "drops training batches only).")
+        return loss, parts
+    message += (" nan_policy='skip' cannot recover from non-finite weights." if args.nan_policy == "skip" else
+                " nan_policy='stop'; set nan_policy='skip' to drop such micro-batches and continue (they are "
+                "counted as skipped_batches in the logs).")
+    raise FloatingPointError(message)

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Trainer
 
 from . import reliability
+from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .signals import (CAUSAL_LM, CLASSIFICATION, base_model_of, build_projections, check_layer_map,
@@ -95,7 +96,7 @@ def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
             raise ValueError("a regression head (num_labels=1) has no distribution to match: use kd_loss='mse'")
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AtomicSaveMixin, Trainer):
     """A Trainer that distils ``teacher_model`` into ``model``; every other argument is the Trainer's."""
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the global count itself
@@ -245,7 +246,7 @@ class DistillationTrainer(Trainer):
         weights = {"task": args.alpha_task, "kd": args.kd_weight, "hidden": args.hidden_weight}
         loss = sum(weights[k] * v for k, v in parts.items()) * counts["scale"]
         if not torch.isfinite(loss):  # cheap check on the total; the culprit is looked for only now
-            loss, parts = self._nonfinite_loss(model, loss, parts, outputs, teacher_out)
+            loss, parts = reliability.handle_nonfinite(self, model, loss, parts, outputs, teacher_out)
         self._record(parts, counts["scale"], model.training)
         if return_outputs and getattr(outputs, "hidden_states", None) is not None:
             outputs.hidden_states = None  # keep evaluation from gathering them
@@ -355,47 +356,6 @@ class DistillationTrainer(Trainer):
         if self._max_len is not None and torch.is_tensor(ids) and ids.shape[-1] > self._max_len:  # streamed data
             reliability.check_batch(self, inputs, f"micro-batch {self._micro[1]} of global step {step + 1}", False)
 
-    def _nonfinite_loss(self, model, loss, parts, outputs, teacher_out):
-        """The loss is NaN/inf: name the step, micro-batch and culprit; raise (nan_policy='stop') or return a zero
-        loss still connected to the graph so backward and DDP work (nan_policy='skip', training only)."""
-        training, args = model.training, self.args
-        if training:
-            step, index = self._micro
-            where = (f"global step {step + 1} ({step} completed, epoch {self.state.epoch or 0:.2f}), micro-batch "
-                     f"{index} (of {args.gradient_accumulation_steps} per step)")
-        else:
-            where = f"evaluation batch {self._batches['eval']} (at global step {self.state.global_step})"
-        found = reliability.nonfinite_report({"teacher logits": getattr(teacher_out, "logits", None),
-                                              "student logits": getattr(outputs, "logits", None)})
-        found = found or reliability.nonfinite_report({
-            "teacher hidden state": getattr(teacher_out, "hidden_states", None) or (),
-            "student hidden state": getattr(outputs, "hidden_states", None) or ()})
-        found += [f"{k} loss = {float(v.detach())}" for k, v in parts.items() if not torch.isfinite(v)]
-        diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        culprit = "; ".join(found) or "the weighted sum overflowed"
-        message = f"non-finite loss ({float(loss.detach())}) at {where}: {culprit}."
-        if any(f.startswith("teacher") for f in found):
-            message += (" The teacher produced NaN/inf: check its weights and teacher_dtype (float16 overflows "
-                        "easily; use bfloat16 or float32).")
-        if diverged or any(f.startswith("student") for f in found):
-            message += (f" The student's {'weights are' if diverged else 'outputs are'} not finite: lower "
-                        "learning_rate, keep max_grad_norm > 0, prefer bf16 to fp16, or resume from an earlier "
-                        "checkpoint.")
-        if training and args.nan_policy == "skip" and not diverged:
-            self._skipped += 1
-            reliability.logger.warning(message + " Skipping this micro-batch (nan_policy='skip').")
-            params = [p for m in (model, self.projections) for p in m.parameters() if p.requires_grad]
-            zero = sum((p.reshape(-1)[:1].float() * 0.0).sum() for p in params)  # zero grads, finite, connected
-            return zero, {k: torch.zeros((), device=zero.device) for k in parts}
-        if not training and args.nan_policy == "skip":
-            reliability.logger.warning(message + " Kept in the evaluation loss so it shows (nan_policy='skip' "
-                                       "drops training batches only).")
-            return loss, parts
-        message += (" nan_policy='skip' cannot recover from non-finite weights." if args.nan_policy == "skip" else
-                    " nan_policy='stop'; set nan_policy='skip' to drop such micro-batches and continue (they are "
-                    "counted as skipped_batches in the logs).")
-        raise FloatingPointError(message)
-
     def _log_skipped(self, logs: dict, mode: str) -> None:
         if mode != "train" or self.args.nan_policy != "skip":
             return
@@ -409,74 +369,3 @@ class DistillationTrainer(Trainer):
             return super().train(*train_args, **train_kwargs)
         finally:  # also when training raises: never leave our signal handlers installed
             self.interrupt.restore()
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Atomic checkpoints: checkpoint-N is complete or absent.
-
-        Trainer names the folder itself (``checkpoint-<global_step>`` under ``_get_output_dir(trial)``), so for the
-        duration of super()'s call ``_get_output_dir`` points at a hidden staging folder beside it
-        (``.checkpoint-N.hf_kd-tmp/``); once every process has written its part, the finished folder is renamed
-        into place, and rotation (save_total_limit) runs after the rename. get_last_checkpoint and
-        resume_from_checkpoint=True therefore never see a half-written checkpoint; a killed save leaves only a
-        hidden staging folder, removed by the next save of that step. With push_to_hub (background upload from the
-        folder) Trainer's in-place save is kept.
-        """
-        if self.args.push_to_hub:
-            return super()._save_checkpoint(model, trial)
-        import shutil
-
-        from transformers.trainer import TRAINER_STATE_NAME
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final = os.path.join(run_dir, name)
-        staging = reliability.staging_path(final)
-        staged = os.path.join(staging, name)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: staging
-        try:
-            super()._save_checkpoint(model, trial)
-        except BaseException:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            del self._get_output_dir
-        best = self.state.best_model_checkpoint
-        if best and os.path.abspath(best) == os.path.abspath(staged):  # super() saw the staged path
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            reliability.publish_dir(staged, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Atomic save: the model is written to a hidden sibling folder and renamed into place, so a failed save
-        never leaves a partial folder that looks complete. An existing non-empty folder (e.g. the run's
-        output_dir with its checkpoints) receives the finished files one rename each. DeepSpeed, FSDP, XLA,
-        SageMaker and push_to_hub keep Trainer's in-place save."""
-        import shutil
-
-        from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
-        target = output_dir if output_dir is not None else self.args.output_dir
-        if (_internal_call or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled
-                or self.args.push_to_hub or is_torch_xla_available() or is_sagemaker_mp_enabled()):
-            return super().save_model(output_dir, _internal_call)
-        staging = reliability.staging_path(target)
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            super().save_model(staging, _internal_call=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if os.path.isdir(target) and os.listdir(target):
-            reliability.merge_into_dir(staging, target)
-        else:
-            reliability.publish_dir(staging, target)
