@@ -12,7 +12,12 @@ import time
 import torch
 
 from .losses import forward_kl
-from .signals import CAUSAL_LM, CLASSIFICATION, MASKED_LM, position_masks
+from .signals import CAUSAL_LM, CLASSIFICATION, ENCODER, MASKED_LM, position_masks
+
+
+def _no_cache(model) -> dict:
+    """use_cache=False for models that have a KV cache: a single forward needs none."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
 def num_parameters(model) -> int:
@@ -25,15 +30,17 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
 
     causal_lm: perplexity = exp(mean token cross-entropy); masked_lm: masked-token accuracy (and loss);
     classification: accuracy. With ``teacher``: top-1 agreement and mean KL(teacher || model) at T=1 over the
-    positions the KD loss counts.
+    positions the KD loss counts. encoder: see :func:`evaluate_encoder`.
     """
+    if task == ENCODER:
+        return evaluate_encoder(model, batches, teacher)
     from tqdm.auto import tqdm
     was_training = model.training
     model.eval()
     ce, correct, count, agree, kl, kd_count = 0.0, 0, 0, 0, 0.0, 0
     for batch in tqdm(batches, desc=desc or "evaluate", leave=False, disable=desc is None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits.float()
+        logits = model(**inputs, **_no_cache(model)).logits.float()
         labels = batch["labels"]
         if task == CAUSAL_LM:
             logits_p, labels_p = logits[:, :-1], labels[:, 1:]
@@ -44,7 +51,7 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
         correct += (logits_p.argmax(-1)[valid] == labels_p[valid]).sum().item()
         count += valid.sum().item()
         if teacher is not None:
-            t_logits = teacher(**inputs).logits.float()[..., :logits.shape[-1]]
+            t_logits = teacher(**inputs, **_no_cache(teacher)).logits.float()[..., :logits.shape[-1]]
             mask = position_masks(batch, task)["kd"]
             s = logits[:, :-1] if task == CAUSAL_LM else logits
             t = t_logits[:, :-1] if task == CAUSAL_LM else t_logits
@@ -63,15 +70,43 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
     return out
 
 
+def sentence_embeddings(model, batches: list[dict]) -> torch.Tensor:
+    """Mean over the attention mask of the last hidden state, L2-normalised (sentence-transformers' pooling)."""
+    out = []
+    for batch in batches:
+        hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def evaluate_encoder(model, batches: list[dict], teacher=None) -> dict:
+    """Sentence-embedding agreement with ``teacher``: mean cosine of the two embeddings of each sentence, and
+    how often a sentence's nearest other sentence is the same under both models (nn_agreement)."""
+    was_training = model.training
+    model.eval()
+    emb = sentence_embeddings(model, batches)
+    model.train(was_training)
+    out = {"sentences": emb.shape[0]}
+    if teacher is not None:
+        ref = sentence_embeddings(teacher.eval(), batches)
+        out["embedding_cosine"] = (emb * ref).sum(-1).mean().item()
+        eye = torch.eye(emb.shape[0], dtype=torch.bool)
+        nn_s, nn_t = (emb @ emb.T).masked_fill(eye, -2).argmax(-1), (ref @ ref.T).masked_fill(eye, -2).argmax(-1)
+        out["nn_agreement"] = (nn_s == nn_t).float().mean().item()
+    return out
+
+
 @torch.inference_mode()
 def latency(model, inputs: dict, repeats: int = 5) -> float:
     """Median seconds of ``repeats`` timed forward passes (after one warm-up)."""
     model.eval()
-    model(**inputs)
+    model(**inputs, **_no_cache(model))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(**inputs)
+        model(**inputs, **_no_cache(model))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -145,10 +180,12 @@ def write_report(out_dir: str, report: dict, histories: dict[str, list[dict]] | 
 
 def model_card(out_dir: str, report: dict, args) -> str:
     """README.md of the student folder: what it was distilled from, how, on what, and the measured figures."""
-    losses = [f"task loss x {args.alpha_task}", f"{args.kd_loss} at T={args.temperature} x {args.kd_weight}"]
+    losses = [f"task loss x {args.alpha_task}"] if args.alpha_task else []
+    if args.kd_weight:
+        losses.append(f"{args.kd_loss} at T={args.temperature} x {args.kd_weight}")
     if args.hidden_weight:
         losses.append(f"hidden {args.hidden_loss} x {args.hidden_weight}")
-    pipeline_tag = {CAUSAL_LM: "text-generation", MASKED_LM: "fill-mask"}.get(report["task"], "image-classification")
+    pipeline_tag = {CAUSAL_LM: "text-generation", MASKED_LM: "fill-mask", ENCODER: "feature-extraction"}.get(report["task"], "image-classification")
     text = ["---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}", "tags:", "- distillation",
             "- hf_kd", f"base_model: {report['teacher']}" if "/" in report["teacher"] and " " not in report["teacher"] else None, "---", "",
             f"# Student distilled from {report['teacher']}", "",

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.models.auto import modeling_auto as auto
 
 CAUSAL_LM, MASKED_LM, CLASSIFICATION = "causal_lm", "masked_lm", "classification"
+ENCODER = "encoder"  # a plain base model (e.g. BertModel): no head, no logits, hidden-state losses only
 
 _TASK_MAPPINGS = (
     (CAUSAL_LM, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ("ForCausalLM", "LMHeadModel")),
@@ -27,11 +28,13 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 
 def task_of(model: nn.Module) -> str:
-    """'causal_lm', 'masked_lm' or 'classification', from the model's class."""
+    """'causal_lm', 'masked_lm', 'classification' or 'encoder' (a head-less base model), from the model's class."""
     name = type(base_model_of(model)).__name__
     for task, mapping, suffixes in _TASK_MAPPINGS:
         if name in mapping.values() or name.endswith(suffixes):
             return task
+    if name in auto.MODEL_MAPPING_NAMES.values() or name.endswith("Model"):
+        return ENCODER
     raise ValueError(f"{name} is not a causal LM, masked LM or classification model; hf_kd distills "
                      "AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForImageClassification and "
                      "AutoModelForSequenceClassification models")
@@ -42,7 +45,7 @@ def position_masks(batch: dict, task: str, kd_positions: str = "all") -> dict[st
 
     Causal LM: position i predicts token i+1, so masks have length T-1 and come from labels[:, 1:]
     (or attention_mask[:, 1:] without labels). Masked LM: 'task' = labels != -100, 'kd' = all
-    non-padding tokens or only labelled ones. Classification: one position per example.
+    non-padding tokens or only labelled ones. Classification: one position per example. Encoder: only 'hidden'.
     'hidden' counts the positions of hidden-state losses (non-padding tokens; examples for images).
     """
     labels = batch.get("labels")
@@ -59,6 +62,8 @@ def position_masks(batch: dict, task: str, kd_positions: str = "all") -> dict[st
         if labels is not None:
             masks["task"] = labels != -100
         masks["kd"] = masks["task"] if kd_positions == "labels" and labels is not None else attn
+    elif task == ENCODER:
+        pass  # no logits and no task loss: only the hidden mask below
     else:
         n = (ids if ids is not None else batch["pixel_values"]).shape[0]
         examples = torch.ones(n, dtype=torch.bool, device=(ids if ids is not None else batch["pixel_values"]).device)

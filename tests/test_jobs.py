@@ -1,0 +1,128 @@
+"""End-to-end smoke tests of the main jobs on the packaged real assets (--quick presets, ~1 minute each at most).
+
+Each job distils, trains its no-teacher baseline, writes report.json / report.md / learning_curves.png and a model
+card, dry-runs the Hub push, and saves a student that loads in the matching transformers pipeline.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from hf_kd import assets
+
+AVAILABLE = assets.available()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def needs(*names):
+    missing = [assets.PACKAGES[n] for n in names if not AVAILABLE[n]]
+    return pytest.mark.skipif(bool(missing), reason="asset package(s) not installed: "
+                              + ", ".join(f"{p.pypi} ({p.install})" for p in missing))
+
+
+def check_outputs(out: Path, report: dict, pipeline_tag: str) -> dict:
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["metrics"].keys() >= {"teacher", "student_before", "student_after", "baseline_no_teacher"}
+    for key in ("compression_ratio", "speedup"):
+        assert saved[key] > 0, key
+    assert saved["compression_ratio"] > 1  # the student is smaller
+    assert saved["train_seconds"]["distillation"] > 0
+    assert saved["student_parameters"] < saved["teacher_parameters"]
+    assert (out / "report.md").read_text().startswith("# Distillation report")
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert card.startswith("---\n") and f"pipeline_tag: {pipeline_tag}" in front and "- distillation" in front
+    manifest = json.loads((out / "push_dry_run.json").read_text())
+    assert {"config.json", "model.safetensors", "README.md"} <= set(manifest["files"])
+    assert not any(f.startswith("checkpoint-") for f in manifest["files"])
+    assert report["metrics"] == saved["metrics"]
+    return saved
+
+
+@needs("minilm", "tales")
+def test_mlm_quick_fills_masks(tmp_path):
+    from transformers import pipeline
+
+    from hf_kd.jobs import mlm
+    out = tmp_path / "mlm"
+    report = mlm.main(["--quick", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    saved = check_outputs(out, report, "fill-mask")
+    for row in ("teacher", "student_before", "student_after", "baseline_no_teacher"):
+        assert 0 <= saved["metrics"][row]["accuracy"] <= 1
+    assert saved["task"] == "masked_lm" and saved["student_layers"] == [0, 2, 5]
+    assert any("fitted" in n and "accuracy" in n for n in saved["notes"])  # the teacher's head is hf_kd's
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(json.loads((out / "push_dry_run.json").read_text())
+                                                              ["files"])
+    filled = pipeline("fill-mask", model=str(out), device="cpu")("the old king went to the [MASK].")
+    assert len(filled) == 5 and all(isinstance(f["token_str"], str) for f in filled)
+
+
+@needs("minilm", "tales")
+def test_encoder_quick_extracts_features(tmp_path):
+    from transformers import pipeline
+
+    from hf_kd.jobs import mlm
+    out = tmp_path / "encoder"
+    report = mlm.main(["--quick", "--mode", "encoder", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    saved = check_outputs(out, report, "feature-extraction")
+    m = saved["metrics"]
+    assert saved["task"] == "encoder" and saved["config"]["kd_weight"] == 0 and saved["config"]["alpha_task"] == 0
+    for row in ("student_before", "student_after", "baseline_no_teacher"):
+        assert -1 <= m[row]["embedding_cosine"] <= 1 and 0 <= m[row]["nn_agreement"] <= 1
+    assert m["baseline_no_teacher"] == m["student_before"]  # no task loss: the baseline is the untrained copy
+    assert "baseline" not in saved["train_seconds"]
+    features = pipeline("feature-extraction", model=str(out), device="cpu")("Once upon a time there was a king.")
+    assert len(features[0][0]) == 384
+
+
+@needs("mnist")
+@pytest.mark.parametrize("student", ["vit", "resnet"])
+def test_image_quick_classifies(student, tmp_path):
+    from transformers import pipeline
+
+    from hf_kd.jobs import image
+    out = tmp_path / student
+    report = image.main(["--quick", "--student", student, "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    saved = check_outputs(out, report, "image-classification")
+    assert 0 <= saved["metrics"]["student_after"]["accuracy"] <= 1
+    assert saved["config"]["hidden_weight"] == (1.0 if student == "vit" else 0.0)
+    assert "preprocessor_config.json" in json.loads((out / "push_dry_run.json").read_text())["files"]
+    digit = assets.load_mnist("test")[0]["image"]
+    assert isinstance(digit, Image.Image) and digit.mode == "L"
+    preds = pipeline("image-classification", model=str(out), device="cpu")(digit)
+    assert preds and preds[0]["label"] in [str(d) for d in range(10)]
+
+
+@needs("smollm2", "tales")
+def test_clm_quick_generates(tmp_path):
+    from transformers import pipeline
+
+    from hf_kd.jobs import clm
+    out = tmp_path / "clm"
+    report = clm.main(["--quick", "--output_dir", str(out), "--max_steps", "1", "--eval_blocks", "1",
+                       "--block_size", "32", "--student_layers", "2", "--calibration_batches", "1",
+                       "--push_to_hub", "--dry_run"])
+    check_outputs(out, report, "text-generation")
+    generate = pipeline("text-generation", model=str(out), device="cpu")
+    text = generate("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
+
+
+@needs("mnist")
+def test_recipe_yaml_and_seeds_script(tmp_path):
+    """The thin recipe runs from its YAML config with flags on top; scripts/seeds.py tabulates two seeds."""
+    out = tmp_path / "seeds"
+    cmd = [sys.executable, str(ROOT / "scripts" / "seeds.py"), str(ROOT / "recipes" / "distill_image.py"),
+           "--config", str(ROOT / "recipes" / "configs" / "image_mnist.yaml"), "--quick", "--student", "resnet",
+           "--max_steps", "3", "--eval_images", "100", "--out", str(out), "--seeds", "0", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["metric"] == "accuracy" and len(summary["kd_minus_baseline"]) == 2
+    assert "| student after (KD) |" in result.stdout and "±" in result.stdout
+    assert json.loads((out / "seed_1" / "report.json").read_text())["config"]["seed"] == 1
