@@ -28,7 +28,7 @@ DEFAULTS = dict(  # sized for a few minutes on 2 shared CPU cores (measured figu
 )
 ENCODER_DEFAULTS = dict(DEFAULTS, output_dir="outputs/encoder_student", max_steps=60, learning_rate=3e-4,
                         alpha_task=0.0, kd_weight=0.0, hidden_weight=1.0)
-QUICK = dict(output_dir="outputs/mlm_quick", max_steps=4, per_device_train_batch_size=8, logging_steps=2,
+QUICK = dict(output_dir="outputs/mlm_quick", max_steps=3, per_device_train_batch_size=4, logging_steps=1,
              warmup_steps=0, eval_chunks=16, eval_sentences=32, max_train_chunks=64)
 ENCODER_QUICK = dict(QUICK, output_dir="outputs/encoder_quick")
 
@@ -156,7 +156,8 @@ def _run(job: MaskedLMJob, args) -> dict:
                      "over the attention mask, L2-normalised, as all-MiniLM-L6-v2 in sentence-transformers); "
                      "nn_agreement: share of sentences whose nearest other sentence is the same for both")
     first = eval_batches[0]
-    speed = {"input_ids": first["input_ids"][:8], "attention_mask": first["attention_mask"][:8]}
+    rows = 4 if job.quick else 8
+    speed = {"input_ids": first["input_ids"][:rows], "attention_mask": first["attention_mask"][:rows]}
     return distill_and_report(
         job, args, teacher=teacher, new_student=new_student, train_dataset=train, eval_batches=eval_batches,
         task=task, collator=collator, processing_class=tok, data=data,
