@@ -112,6 +112,8 @@ def distill_and_report(job, args: DistillationConfig, *, teacher, new_student, t
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(out)
+    if not trainer.is_world_process_zero():  # under accelerate launch one process writes the folder and report
+        return {}
     if not job.keep_checkpoints:  # they exist to survive a crash; the finished student is saved above
         for name in os.listdir(out):
             if name.startswith("checkpoint-"):
