@@ -3,6 +3,7 @@ run, and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -57,6 +58,18 @@ def parse(job_cls, argv: list[str] | None, defaults: dict, quick: dict):
     values = {**defaults, **(quick if wants_quick else {}), **from_yaml}
     parser = HfArgumentParser((job_cls, DistillationConfig))
     return parser.parse_args_into_dataclasses(args=_as_args(values) + argv)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` torch threads (unchanged when 0/None), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Interrupted(SystemExit):

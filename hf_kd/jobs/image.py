@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..student import make_student
-from .common import JobArguments, cached_folder, distill_and_report, parse, prepared_info
+from .common import JobArguments, cached_folder, distill_and_report, parse, prepared_info, torch_threads
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics
 LABELS = {i: str(i) for i in range(10)}
@@ -181,13 +181,8 @@ def _describe(model) -> str:
 
 
 def run(job: ImageJob, args) -> dict:
-    threads = torch.get_num_threads()
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    try:
+    with torch_threads(job.threads):
         return _run(job, args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(job: ImageJob, args) -> dict:

@@ -17,7 +17,7 @@ import torch
 from ..signals import ENCODER, MASKED_LM
 from ..student import make_student
 from .clm import load_text
-from .common import JobArguments, distill_and_report, parse
+from .common import JobArguments, distill_and_report, parse, torch_threads
 from .mlm_teacher import EMBEDDED, MINILM_ID, chunk_text, masked_batches, prepare_mlm_teacher
 
 DEFAULTS = dict(  # sized for a few minutes on 2 shared CPU cores (measured figures in the README)
@@ -97,13 +97,8 @@ def _load(job, cls_name: str):
 
 
 def run(job: MaskedLMJob, args) -> dict:
-    threads = torch.get_num_threads()
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    try:
+    with torch_threads(job.threads):
         return _run(job, args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(job: MaskedLMJob, args) -> dict:
