@@ -67,7 +67,8 @@ class DistillationConfig(TrainingArguments):
     kd_impl: str = field(default="auto", metadata={"help": "Logit-loss implementation: 'full' (reference), "
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
-    kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk for chunked/fused logit losses."})
+    kd_chunk_size: int = field(default=256, metadata={"help": "Tokens per chunk for chunked/fused logit losses "
+                               "(256: ~26x less loss memory than full logits at a 152k vocabulary, and faster)."})
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder made by `hf-kd cache-teacher`: "
                                       "train from the teacher's cached top-k with no teacher in memory (forward_kl "
                                       "only, same temperature; train_dataset defaults to the cache)."})
