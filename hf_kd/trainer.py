@@ -23,6 +23,7 @@ from . import reliability
 from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
+from .losses.fused import resolve_kd_impl
 from .signals import (CAUSAL_LM, CLASSIFICATION, base_model_of, build_projections, check_layer_map,
                       default_layer_map, hidden_width, position_masks, task_of)
 
@@ -109,6 +110,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model= or "
                              "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both")
         self.task = task_of(model)
+        self.kd_impl = resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         if args.teacher_cache is not None:
             return self._init_from_cache(model, args, **kwargs)
         reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
@@ -168,12 +170,12 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _teacher_outputs(self, inputs: dict, need_hidden: bool):
-        from .losses.fused import forward_hidden, resolve_kd_impl
+        from .losses.fused import forward_hidden
         kwargs = {"output_hidden_states": True} if need_hidden else {}
         if getattr(base_model_of(self.teacher).config, "use_cache", None) is not None:
             kwargs["use_cache"] = False
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        fused = resolve_kd_impl(self.args.kd_impl, self.task) == "fused"
+        fused = self.kd_impl == "fused"
         with torch.no_grad():
             if self.task == CAUSAL_LM and (fused or self.args.kd_weight == 0):  # no teacher logits needed
                 outputs, last_hidden = forward_hidden(self.teacher, model_inputs, check=fused, **kwargs)
@@ -219,9 +221,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         kwargs = {"output_hidden_states": True} if need_hidden else {}
         if getattr(base_model_of(model).config, "use_cache", None) is not None:
             kwargs["use_cache"] = False
-        from .losses.fused import fused_student_pass, resolve_kd_impl
+        from .losses.fused import fused_student_pass
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        fused = resolve_kd_impl(args.kd_impl, self.task) == "fused"
+        fused = self.kd_impl == "fused"
         if fused:  # no [tokens, vocab] logits: task and kd sums from the last hidden states, chunk by chunk
             outputs, sums = fused_student_pass(model, model_inputs, self.teacher, teacher_out, labels, masks["kd"],
                                                args, counts, self.kd_vocab, **kwargs)
@@ -254,9 +256,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     def _logit_loss_sum(self, student_logits, teacher_logits, mask):
         from .losses.chunked import CHUNKED_LOGIT_LOSSES
-        from .losses.fused import resolve_kd_impl
         extra = {"beta": self.args.jsd_beta} if self.args.kd_loss == "jsd" else {}
-        if resolve_kd_impl(self.args.kd_impl, self.task) == "chunked":
+        if self.kd_impl == "chunked":
             if self.task == CAUSAL_LM:  # i predicts i+1: drop the last position by mask, no [tokens, vocab] slice copy
                 mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
             return CHUNKED_LOGIT_LOSSES[self.args.kd_loss](
