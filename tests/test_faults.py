@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_kd import DistillationTrainer, reliability
+from hf_kd import DistillationTrainer
 
 from .scripts.tiny import args, one_thread, pair, rows  # noqa: F401  (one_thread: autouse fixture)
 
