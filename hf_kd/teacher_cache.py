@@ -21,24 +21,18 @@ import shutil
 import torch
 import torch.nn.functional as F
 
+from .losses.kd_ce import log1mexp
 from .losses.logits import reduce
 
 CACHE_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass")
 META_NAME = "hf_kd_teacher_cache.json"
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable. Masses below float32's resolution (x > -1e-7) floor at 1e-7 so that
-    neither branch of the where has an infinite gradient (which would turn into NaN)."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
     """(ids [..., k], log-probs [..., k], log tail mass [...]) of softmax(teacher_logits / T)."""
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     values, ids = log_p.topk(k, dim=-1)
-    return ids, values, _log1mexp(torch.logsumexp(values, dim=-1))
+    return ids, values, log1mexp(torch.logsumexp(values, dim=-1))
 
 
 def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -47,7 +41,7 @@ def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
     """T^2 * KL_k(p_T || p_S) with the teacher given by its cached top-k and tail (formula in the module doc)."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_q_k = log_q.gather(-1, topk_ids.long())
-    log_q_rest = _log1mexp(torch.logsumexp(log_q_k, dim=-1))
+    log_q_rest = log1mexp(torch.logsumexp(log_q_k, dim=-1))
     log_p_k, log_r = topk_logprobs.float(), tail_logmass.float()
     head = (log_p_k.exp() * (log_p_k - log_q_k)).sum(-1)
     r = log_r.exp()

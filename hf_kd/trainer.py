@@ -24,7 +24,7 @@ from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.fused import resolve_kd_impl
-from .signals import (CAUSAL_LM, CLASSIFICATION, base_model_of, build_projections, check_layer_map,
+from .signals import (CAUSAL_LM, CLASSIFICATION, MASKED_LM, base_model_of, build_projections, check_layer_map,
                       default_layer_map, hidden_width, position_masks, task_of)
 
 PROJECTIONS_NAME = "hf_kd_projections.pt"
@@ -176,12 +176,20 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             kwargs["use_cache"] = False
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         fused = self.kd_impl == "fused"
-        with torch.no_grad():
+        # inference_mode: no autograd bookkeeping at all. Its tensors may not be saved for backward, so what a
+        # backward keeps (the hidden states the layer map pairs, the fused path's last hidden state) is copied
+        # out; the others are dropped, and the logits are read only by gradient-free code.
+        with torch.inference_mode():
             if self.task == CAUSAL_LM and (fused or self.args.kd_weight == 0):  # no teacher logits needed
                 outputs, last_hidden = forward_hidden(self.teacher, model_inputs, check=fused, **kwargs)
-                outputs["last_hidden_state"] = last_hidden
-                return outputs
-            return self.teacher(**model_inputs, **kwargs)
+            else:
+                outputs, last_hidden = self.teacher(**model_inputs, **kwargs), None
+        if last_hidden is not None:
+            outputs["last_hidden_state"] = last_hidden.clone()
+        if need_hidden:
+            used = {t for t, _ in self.layer_pairs}
+            outputs.hidden_states = tuple(h.clone() if i in used else None for i, h in enumerate(outputs.hidden_states))
+        return outputs
 
     # ---- normalisation ---------------------------------------------------------------------------
     def _counts(self, batches: list, device) -> dict:
@@ -224,23 +232,28 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         from .losses.fused import fused_student_pass
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         fused = self.kd_impl == "fused"
+        sums = None
         if fused:  # no [tokens, vocab] logits: task and kd sums from the last hidden states, chunk by chunk
             outputs, sums = fused_student_pass(model, model_inputs, self.teacher, teacher_out, labels, masks["kd"],
                                                args, counts, self.kd_vocab, **kwargs)
         else:
             outputs = model(**model_inputs, **kwargs)
+            if self.kd_impl == "chunked" and self.task in (CAUSAL_LM, MASKED_LM):
+                sums = self._chunked_sums(outputs.logits, teacher_out, cached, labels, masks["kd"], counts)
 
         parts = {}
         if args.alpha_task > 0:
-            task_sum = sums["task"] if fused else task_loss_sum(outputs.logits, labels, self.task,
-                                                                base_model_of(model).config)
+            task_sum = sums["task"] if sums else task_loss_sum(outputs.logits, labels, self.task,
+                                                               base_model_of(model).config)
             parts["task"] = task_sum / counts["task"]
         if args.kd_weight > 0:
-            if cached:
+            if sums:
+                kd_sum = sums["kd"]
+            elif cached:
                 from .teacher_cache import cached_kl_sum
                 kd_sum = cached_kl_sum(outputs.logits, cached, masks["kd"], self.task, args.temperature)
             else:
-                kd_sum = sums["kd"] if fused else self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
+                kd_sum = self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
             parts["kd"] = kd_sum / counts["kd"]
         if need_hidden:
             parts["hidden"] = self._hidden_loss_sum(outputs.hidden_states, teacher_out.hidden_states,
@@ -253,6 +266,26 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if return_outputs and getattr(outputs, "hidden_states", None) is not None:
             outputs.hidden_states = None  # keep evaluation from gathering them
         return (loss, outputs) if return_outputs else loss
+
+    def _chunked_sums(self, logits, teacher_out, cached, labels, kd_mask, counts) -> dict:
+        """Task CE and KD sums of a language model in one chunked pass over its logits (hf_kd.losses.kd_ce)."""
+        from .losses.kd_ce import chunked_kd_ce_sums
+        from .teacher_cache import CACHE_COLUMNS
+        args = self.args
+        use_kd, use_ce = args.kd_weight > 0, args.alpha_task > 0
+        if self.task == CAUSAL_LM:  # position i predicts token i+1: drop the last position, shift the labels
+            kd_mask = torch.cat([kd_mask, torch.zeros_like(kd_mask[:, :1])], dim=1)
+            labels = None if labels is None else torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+        n = kd_mask.numel()
+        teacher = teacher_out.logits.reshape(n, -1) if use_kd and teacher_out is not None else None
+        topk = tuple(cached[c].reshape(n, -1).squeeze(-1) if c == CACHE_COLUMNS[2] else cached[c].reshape(n, -1)
+                     for c in CACHE_COLUMNS) if use_kd and cached else None
+        kd, ce = chunked_kd_ce_sums(
+            logits.reshape(n, -1), teacher, teacher_topk=topk, labels=labels.reshape(-1) if use_ce else None,
+            mask=kd_mask.reshape(-1), kind=args.kd_loss, beta=args.jsd_beta, temperature=args.temperature,
+            chunk_size=args.kd_chunk_size, vocab_limit=self.kd_vocab,
+            kd_coef=args.kd_weight / float(counts["kd"]), ce_coef=args.alpha_task / float(counts["task"]))
+        return {"kd": kd, "task": ce}
 
     def _logit_loss_sum(self, student_logits, teacher_logits, mask):
         from .losses.chunked import CHUNKED_LOGIT_LOSSES

@@ -20,10 +20,8 @@ side is a constant (no gradient).
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,63 +29,23 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..signals import CAUSAL_LM, CLASSIFICATION, base_model_of
-from .chunked import check_kind, kd_rows
+from .chunked import check_kind
+from .kd_ce import Options, chunk_kd_ce, common_scale
 
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class _Options:
-    kind: str
-    beta: float
-    temperature: float
-    chunk_size: int
-    vocab_limit: int | None
-    kd_coef: float
-    ce_coef: float
-
-
-def _ce_rows(z: Tensor, labels: Tensor, need_grad: bool):
-    """Cross-entropy per row, logsumexp(z) - z[y], and its gradient softmax(z) - onehot(y) (overwrites z).
-
-    z is shifted by its row max first, so softmax(z) = exp(z - lse) is accurate to the rounding of the result.
-    """
-    z.sub_(z.amax(dim=-1, keepdim=True))
-    lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, labels.unsqueeze(1)).squeeze(1)
-    if not need_grad:
-        return loss, None
-    grad = z.sub_(lse.unsqueeze(1)).exp_()
-    grad[torch.arange(len(labels), device=z.device), labels] -= 1.0
-    return loss, grad
-
-
-def _chunk_logit_grad(t: dict, chunk: Tensor, kd_mask: Tensor, o: _Options, coefs, need: bool):
-    """KD and CE sums of one chunk of positions, and G = kd_coef dKD/dz_S + ce_coef dCE/dz_S [c, V] (or None)."""
+def _chunk_logit_grad(t: dict, chunk: Tensor, kd_mask: Tensor, o: Options, coefs, need: bool):
+    """KD and CE sums of one chunk of positions, G = coefs[0] dKD/dz_S + coefs[1] dCE/dz_S [c, V] (or None)."""
     h = t["hs"].index_select(0, chunk)
     zs = F.linear(h, t["ws"], t["bs"]).float()
-    width = o.vocab_limit or zs.shape[1]
-    kd_sum = ce_sum = zs.new_zeros((), dtype=torch.float64)
-    grad = None
+    zt = None
     if t["ht"] is not None:
+        width = o.vocab_limit or zs.shape[1]
         bt = t["bt"][:width] if t["bt"] is not None else None
         zt = F.linear(t["ht"].index_select(0, chunk), t["wt"][:width], bt).float()
-        student = zs[:, :width].clone() if t["labels"] is not None else zs[:, :width]  # CE needs zs later
-        loss, g = kd_rows(student, zt, o.kind, beta=o.beta, temperature=o.temperature, need_grad=need, overwrite=True)
-        del zt, student
-        counted = kd_mask[chunk]
-        kd_sum = torch.where(counted, loss, 0.0).sum(dtype=torch.float64)
-        if need:
-            g = g.mul_(coefs[0]).masked_fill_(~counted.unsqueeze(1), 0.0)
-            grad = g if width == zs.shape[1] else F.pad(g, (0, zs.shape[1] - width))
-    if t["labels"] is not None:
-        labels = t["labels"][chunk]
-        counted = labels != -100
-        loss, g = _ce_rows(zs, labels.clamp(min=0), need)  # zs is not needed after this
-        ce_sum = torch.where(counted, loss, 0.0).sum(dtype=torch.float64)
-        if need:
-            g = g.mul_(coefs[1]).masked_fill_(~counted.unsqueeze(1), 0.0)
-            grad = g if grad is None else grad.add_(g)
+    labels = t["labels"][chunk] if t["labels"] is not None else None
+    kd_sum, ce_sum, grad = chunk_kd_ce(zs, zt, labels, kd_mask[chunk], o, coefs, need)
     return kd_sum, ce_sum, h, grad
 
 
@@ -105,7 +63,7 @@ def _push_through_head(grad: Tensor, h: Tensor, w: Tensor, chunk: Tensor, grads:
         grads["bs"] += grad.sum(0)
 
 
-def _fused_pass(t: dict, o: _Options, coefs: tuple[float, float], need: tuple[bool, bool, bool]):
+def _fused_pass(t: dict, o: Options, coefs: tuple[float, float], need: tuple[bool, bool, bool]):
     """Walk the counted positions chunk by chunk: (KD sum, CE sum, {hs, ws, bs: gradient or None})."""
     hs, ws, n = t["hs"], t["ws"], t["hs"].shape[0]
     none = torch.zeros(n, dtype=torch.bool, device=hs.device)
@@ -129,20 +87,12 @@ def _fused_pass(t: dict, o: _Options, coefs: tuple[float, float], need: tuple[bo
     return kd_total.float(), ce_total.float(), grads
 
 
-def _common_scale(grad_outputs, coefs, active) -> float | None:
-    """s with grad_outputs == s * coefs on the active outputs, or None when they are not proportional."""
-    pairs = [(float(g), c) for g, c, on in zip(grad_outputs, coefs, active) if on]
-    ref = next(((g, c) for g, c in pairs if c != 0), None)
-    s = ref[0] / ref[1] if ref else 0.0
-    return s if all(math.isclose(g, s * c, rel_tol=1e-6, abs_tol=0.0) for g, c in pairs) else None
-
-
 _NAMES = ("hs", "ws", "bs", "ht", "wt", "bt", "labels", "mask")
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, mask, opts: _Options):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, mask, opts: Options):
         t = dict(zip(_NAMES, (hs, ws, bs, ht, wt, bt, labels, mask)))
         need = tuple(ctx.needs_input_grad[:3])
         kd, ce, grads = _fused_pass(t, opts, (opts.kd_coef, opts.ce_coef), need)
@@ -157,7 +107,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         t = dict(zip(_NAMES, ctx.saved_tensors))
         o = ctx.opts
         active = (t["ht"] is not None, t["labels"] is not None)
-        s = _common_scale((grad_kd, grad_ce), (o.kd_coef, o.ce_coef), active)
+        s = common_scale((grad_kd, grad_ce), (o.kd_coef, o.ce_coef), active)
         if s is None or grads is None:  # not the proportion assumed in forward (or a second backward)
             _, _, grads = _fused_pass(t, o, (float(grad_kd), float(grad_ce)), ctx.need)
             s = 1.0
@@ -205,7 +155,7 @@ def fused_kd_ce_sums(student_hidden: Tensor, student_head_weight: Tensor, teache
     mask = None if mask is None else mask.to(student_hidden.device, torch.bool)
     labels = None if labels is None else labels.to(student_hidden.device)
     _check_inputs(student_hidden, student_head_weight, student_head_bias, ht, wt, bt, labels, mask, vocab_limit)
-    opts = _Options(kind, float(beta), float(temperature), int(chunk_size), vocab_limit, float(kd_coef), float(ce_coef))
+    opts = Options(kind, float(beta), float(temperature), int(chunk_size), vocab_limit, float(kd_coef), float(ce_coef))
     return _FusedHeadLoss.apply(student_hidden, student_head_weight, student_head_bias, ht, wt, bt, labels, mask,
                                 opts)
 
