@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(args.threads)
-    from benchmark import machine_info
+    from bench_measure import machine_info
 
     from hf_kd.assets import load_smollm2, load_tales
     from hf_kd.data import pack_for_causal_lm

@@ -89,3 +89,59 @@ def test_tables_and_targets(bench):
     assert met["m 2x8: chunked peak RSS / TRL peak RSS"] is True
     text = bench.e2e_table(e2e) + bench.loss_table(losses) + bench.targets_table(rows)
     assert "failed: exit -9" in text and "| yes |" in text
+
+
+# fused is run with a float32 student only: hf_kd's fused path rejects bf16 autocast (its logits == head(hidden)
+# check fails at bf16 rounding), which the benchmark records as a failed row.
+@pytest.mark.parametrize("case,student_bf16", [("chunked", True), ("floor", True), ("trl", True), ("cache", True),
+                                               ("fused", False)])
+def test_e2e_case_low_precision(bench, tiny_setup, case, student_bf16):
+    """--teacher-dtype bfloat16 [--student-bf16]: the teacher is cast, the rows record both settings."""
+    if case == "trl":
+        pytest.importorskip("trl")
+    root = tiny_setup
+    spec = {"case": case, "model": "tiny", "batch": 2, "seq": 8, "warmup": 1, "steps": 1, "threads": 2,
+            "temperature": 2.0, "chunk_size": 5, "tokenizer": str(root / "tok"), "teacher": str(root / "teacher"),
+            "student": str(root / "student"), "blocks": str(root / "blocks"), "cache_dir": str(root / "cache"),
+            "teacher_dtype": "bfloat16", "student_bf16": student_bf16}
+    r = bench.run_case(spec)
+    assert r["teacher_dtype"] == "bfloat16" and r["student_bf16"] is student_bf16 and r["step_s"] > 0
+    assert bench.load_teacher(str(root / "teacher"), "bfloat16").dtype == torch.bfloat16
+
+
+def test_trainer_settings_follow_options(bench, tiny_setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+    root = tiny_setup
+    student = AutoModelForCausalLM.from_pretrained(root / "student")
+    teacher = bench.load_teacher(str(root / "teacher"), "float16")
+    spec = {"warmup": 0, "steps": 1, "batch": 2, "temperature": 2.0, "chunk_size": None,
+            "teacher_dtype": "float16", "student_bf16": True}
+    trainer = bench.build_trainer("chunked", spec, student, teacher, None, None, str(tmp_path / "a"))
+    assert trainer.args.teacher_dtype == "float16" and trainer.args.bf16
+    assert next(trainer.teacher.parameters()).dtype == torch.float16
+    floor = bench.build_trainer("floor", {**spec, "student_bf16": False}, student, teacher, None, None,
+                                str(tmp_path / "b"))
+    assert not floor.args.bf16
+
+
+def test_settings_kept_apart(bench):
+    """Rows of another teacher dtype / student precision: not merged, labelled apart, compared like with like."""
+    def row(case, step, dtype="float32", bf16=False, **kw):
+        return {"case": case, "model": "m", "size": "2x8", "step_s": step, "tokens_per_s": 16 / step,
+                "peak_train_mb": 150.0, "rss_start_mb": 100.0, "other_cpu_cores": 0.0, "teacher_dtype": dtype,
+                "student_bf16": bf16, **kw}
+    runs = [row("chunked", 1.0), {k: v for k, v in row("floor", 1.0).items() if k not in ("teacher_dtype",
+                                                                                        "student_bf16")},
+            row("chunked", 0.5, "bfloat16"), row("floor", 0.2, "bfloat16"),
+            row("chunked", 0.4, bf16=True), row("chunked", 0.3, bf16=True)]
+    best = bench.best_of_rounds(runs)
+    assert len(best) == 5  # chunked x 3 settings + floor x 2 (the old-style floor row counts as float32)
+    assert sorted(r["step_s"] for r in best if r["case"] == "chunked") == [0.3, 0.5, 1.0]
+    met = {r["target"]: r["measured"] for r in bench.targets(best, [], {})}
+    assert met["m 2x8: chunked step / floor step"] == 1.0
+    assert met["m 2x8 [teacher bf16]: chunked step / floor step"] == 2.5
+    assert not any("[student bf16]" in t for t in met)  # no floor of that setting: nothing to compare with
+    table = bench.e2e_table(best)
+    assert "(b) hf_kd default (auto = chunked) [teacher bf16] |" in table
+    assert "(b) hf_kd default (auto = chunked) [student bf16] |" in table
+    assert "(f) floor: teacher fwd + student CE |" in table
