@@ -13,11 +13,14 @@
    batches) online from the teacher (hf_kd default, kd_impl=auto) and from the cache for each k in --train-ks,
    plus a CE-only baseline (no teacher); held-out KL(teacher || student) at T=1 (:func:`hf_kd.report.evaluate`).
    Target: the cache-trained student's KL within 2% of the online one's.
+3. (--precision-runs 1) the same online run with the teacher in bfloat16 (teacher_dtype), and with a bfloat16
+   teacher plus bf16 autocast for the student (bf16=True): what lower precision does to the student's result.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -41,6 +44,8 @@ def main(argv=None) -> dict:
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision-runs", type=int, default=1, help="also train online with a bfloat16 teacher, and "
+                   "with a bfloat16 teacher + bf16 autocast student (evidence for teacher_dtype / bf16 defaults)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -152,11 +157,17 @@ def main(argv=None) -> dict:
     record("student before training", new_student(), 0.0)
     with tempfile.TemporaryDirectory(prefix="hf_kd_cache_train_") as tmp:
         runs = [("online (hf_kd default)", None)] + [(f"from cache k={k}", int(k)) for k in args.train_ks.split(",") if k]
+        if args.precision_runs:
+            runs += [("online, teacher bf16", "bf16"), ("online, teacher bf16 + student bf16 autocast", "bf16+bf16")]
         for name, k in runs:
             model = new_student()
             t0 = time.time()
-            if k is None:
-                trainer = DistillationTrainer(model=model, teacher_model=teacher, args=kd_args(os.path.join(tmp, "on")),
+            if k is None or isinstance(k, str):
+                extra = {} if k is None else {"teacher_dtype": "bfloat16", "bf16": k == "bf16+bf16"}
+                # the trainer casts its teacher in place: a copy keeps the float32 teacher for the evaluation
+                run_teacher = teacher if k is None else copy.deepcopy(teacher)
+                trainer = DistillationTrainer(model=model, teacher_model=run_teacher,
+                                              args=kd_args(os.path.join(tmp, "on"), **extra),
                                               train_dataset=train_blocks, data_collator=default_data_collator)
             else:
                 cdir = os.path.join(tmp, f"cache_k{k}")
@@ -165,7 +176,7 @@ def main(argv=None) -> dict:
                 trainer = DistillationTrainer(model=model, args=kd_args(os.path.join(tmp, f"c{k}"), teacher_cache=cdir),
                                               data_collator=default_data_collator)
             trainer.train()
-            record(name, model, time.time() - t0, k)
+            record(name, model.float(), time.time() - t0, k if isinstance(k, int) else None)
             if k is None:
                 topk_error(model, f"after {args.train_steps} online steps")
         model = new_student()

@@ -238,7 +238,7 @@ def batch():
 
 
 def run(trainer, impl, inputs, **overrides):
-    trainer.args.kd_impl = impl
+    trainer.kd_impl = trainer.args.kd_impl = impl  # the trainer resolved kd_impl at construction
     for k, v in overrides.items():
         setattr(trainer.args, k, v)
     params = [p for p in list(trainer.model.parameters()) + list(trainer.projections.parameters()) if p.requires_grad]
@@ -272,3 +272,58 @@ def test_fused_rejects_other_tasks(tmp_path):
     args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, kd_impl="fused")
     with pytest.raises(ValueError, match="fused"):  # refused at construction, before any step
         DistillationTrainer(model=bert(), teacher_model=bert(), args=args)
+
+
+def test_trainer_masked_lm_chunked_agrees_with_full(tmp_path):
+    torch.manual_seed(0)
+    bert = lambda layers: BertForMaskedLM(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                                     num_attention_heads=4, vocab_size=128, max_position_embeddings=32,
+                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    inputs = batch()
+    inputs["labels"] = torch.where(torch.rand(inputs["labels"].shape) < 0.4, inputs["labels"], -100)
+    for positions in ("all", "labels"):
+        args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, temperature=2.0,
+                                  alpha_task=0.4, kd_weight=1.0, kd_positions=positions, kd_chunk_size=5)
+        trainer = DistillationTrainer(model=bert(1), teacher_model=bert(2), args=args)
+        assert trainer.kd_impl == "chunked"
+        ref, ref_g = run(trainer, "full", inputs)
+        loss, g = run(trainer, "chunked", inputs)
+        assert_close(loss, ref)
+        for a, b in zip(g, ref_g):
+            assert_close(a, b, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_trainer_trains_under_bf16_autocast(tmp_path, impl):
+    """bf16=True on CPU (autocast): the fused path's logits check must not mistake bf16 rounding for a wrong
+    head, and both fast paths must give finite losses that change the student."""
+    from datasets import Dataset
+    data = Dataset.from_dict({k: v.tolist() for k, v in batch().items()})
+    args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=True, kd_impl=impl,
+                              max_steps=2, per_device_train_batch_size=2, logging_steps=1, save_strategy="no",
+                              learning_rate=1e-2)
+    student = llama(24, 2, True, 1)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer = DistillationTrainer(model=student, teacher_model=llama(32, 3, False, 2), args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_fused_refuses_a_model_that_rescales_its_logits(tmp_path):
+    """The once-per-model check (logits == lm_head(last hidden)) catches logit scaling / soft-capping."""
+    class ScaledLlamaForCausalLM(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if out.logits is not None:
+                out.logits = out.logits * 0.8
+            return out
+
+    torch.manual_seed(0)
+    teacher = llama(32, 3, False, 2)
+    student = ScaledLlamaForCausalLM(teacher.config)
+    args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, kd_impl="fused")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    with pytest.raises(ValueError, match="does not compute logits as lm_head"):
+        trainer.compute_loss(student, batch())

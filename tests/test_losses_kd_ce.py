@@ -115,3 +115,14 @@ def test_other_proportions_are_refused_and_bad_shapes_named():
         chunked_kd_ce_sums(zs, zt[:, :10])
     with pytest.raises(ValueError, match="'forward_kl' only"):
         chunked_kd_ce_sums(zs, teacher_topk=topk_targets(zt, 4), kind="reverse_kl")
+
+
+def test_automatic_chunks_hold_8_mib():
+    from hf_kd.losses.chunked import resolve_chunk_size
+    assert resolve_chunk_size(None, 151_936) == 13 and resolve_chunk_size(0, 49_152) == 42
+    assert resolve_chunk_size(7, 49_152) == 7 and resolve_chunk_size(None, 10 ** 9) == 1
+    with pytest.raises(ValueError, match="chunk_size must be > 0"):
+        resolve_chunk_size(-1, 100)
+    zs, zt, labels, mask = inputs()  # the default (automatic) chunking gives the same sums
+    assert_all_close(chunked_kd_ce_sums(zs, zt, labels=labels, mask=mask),
+                     chunked_kd_ce_sums(zs, zt, labels=labels, mask=mask, chunk_size=5))

@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..signals import CAUSAL_LM, CLASSIFICATION, base_model_of
-from .chunked import check_kind
+from .chunked import check_kind, resolve_chunk_size
 from .kd_ce import Options, chunk_kd_ce, common_scale
 
 Tensor = torch.Tensor
@@ -135,7 +135,7 @@ def _check_inputs(hs, ws, bs, ht, wt, bt, labels, mask, vocab_limit) -> None:
 def fused_kd_ce_sums(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor | None = None,
                      teacher_head_weight: Tensor | None = None, *, labels: Tensor | None = None,
                      mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
-                     temperature: float = 1.0, chunk_size: int = 1024, vocab_limit: int | None = None,
+                     temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
                      student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None,
                      kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor]:
     """(KD sum, CE sum) over hidden states [N, D] and LM heads [V, D], without [N, V] logits.
@@ -148,21 +148,20 @@ def fused_kd_ce_sums(student_hidden: Tensor, student_head_weight: Tensor, teache
     weights the caller's loss gives the two sums (any common factor is free), used to store one gradient.
     """
     check_kind(kind, beta)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    chunk_size = resolve_chunk_size(chunk_size, student_head_weight.shape[0])
     detach = (lambda x: None if x is None else x.detach())
     ht, wt, bt = detach(teacher_hidden), detach(teacher_head_weight), detach(teacher_head_bias)
     mask = None if mask is None else mask.to(student_hidden.device, torch.bool)
     labels = None if labels is None else labels.to(student_hidden.device)
     _check_inputs(student_hidden, student_head_weight, student_head_bias, ht, wt, bt, labels, mask, vocab_limit)
-    opts = Options(kind, float(beta), float(temperature), int(chunk_size), vocab_limit, float(kd_coef), float(ce_coef))
+    opts = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef))
     return _FusedHeadLoss.apply(student_hidden, student_head_weight, student_head_bias, ht, wt, bt, labels, mask,
                                 opts)
 
 
 def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor,
                   teacher_head_weight: Tensor, *, mask: Tensor | None = None, temperature: float = 1.0,
-                  kind: str = "forward_kl", beta: float = 0.5, chunk_size: int = 1024,
+                  kind: str = "forward_kl", beta: float = 0.5, chunk_size: int | None = None,
                   vocab_limit: int | None = None, student_head_bias: Tensor | None = None,
                   teacher_head_bias: Tensor | None = None, reduction: str = "sum") -> Tensor:
     """The ``kind`` logit loss between h_S W_S^T (+ b_S) and h_T W_T^T (+ b_T), chunk by chunk.
@@ -184,7 +183,7 @@ def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_h
 
 
 def fused_cross_entropy(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, head_bias: Tensor | None = None,
-                        chunk_size: int = 1024, reduction: str = "sum") -> Tensor:
+                        chunk_size: int | None = None, reduction: str = "sum") -> Tensor:
     """cross_entropy(h W^T + b, labels, ignore_index=-100) without the [N, V] logits ("sum" or "mean")."""
     _, ce = fused_kd_ce_sums(hidden, head_weight, labels=labels, student_head_bias=head_bias,
                              chunk_size=chunk_size, kd_coef=0.0)
@@ -224,8 +223,11 @@ def _check_logits_from_hidden(core: nn.Module, inputs: dict) -> None:
             mine = F.linear(core.base_model(**small, **extra)[0], weight, bias).float()
     finally:
         core.train(training)
-    if mine.shape != reference.shape or not torch.allclose(mine, reference, rtol=1e-3,
-                                                           atol=1e-3 * float(reference.abs().max()) + 1e-6):
+    # 3% of the largest logit: loose enough for bf16 weights or a forward that accelerate runs under autocast
+    # (the base model is then called outside it), tight enough to catch soft-capping and logit scales
+    tol = 3e-2
+    if mine.shape != reference.shape or not torch.allclose(mine, reference, rtol=tol,
+                                                           atol=tol * float(reference.abs().max()) + 1e-6):
         raise ValueError(f"{type(core).__name__} does not compute logits as lm_head(base_model(...).last_hidden_state)"
                          " (logit soft-capping or scaling?): kd_impl='fused' would be wrong; use 'chunked'")
     _CHECKED[core] = True

@@ -3,7 +3,7 @@
 The trainer's loss on a language model reads the student logits twice: once for the task cross-entropy
 (at T = 1) and once for the distillation loss (at T). Done separately, each builds float32 [N, V]
 tensors and autograd adds two [N, V] gradients at the end. Here one ``torch.autograd.Function`` walks the
-positions ``chunk_size`` rows at a time and, per chunk, computes both sums and the single gradient
+positions ``chunk_size`` rows at a time (default: chunks of 8 MiB, see ``resolve_chunk_size``) and, per chunk, computes both sums and the single gradient
 
     G = kd_coef * dKD/dz_S + ce_coef * dCE/dz_S          (dCE/dz_S = softmax(z_S) - onehot(y))
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .chunked import _log_softmax, check_kind, kd_rows
+from .chunked import _log_softmax, check_kind, kd_rows, resolve_chunk_size
 
 Tensor = torch.Tensor
 
@@ -182,7 +182,7 @@ class _ChunkedKdCe(torch.autograd.Function):
 def chunked_kd_ce_sums(student_logits: Tensor, teacher_logits: Tensor | None = None, *,
                        teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None, labels: Tensor | None = None,
                        mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
-                       temperature: float = 1.0, chunk_size: int = 256, vocab_limit: int | None = None,
+                       temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
                        kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor]:
     """(KD sum, CE sum) over student logits [N, V], ``chunk_size`` rows at a time, with one stored gradient.
 
@@ -194,8 +194,6 @@ def chunked_kd_ce_sums(student_logits: Tensor, teacher_logits: Tensor | None = N
     times any common factor (backward raises otherwise).
     """
     check_kind(kind, beta)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if teacher_logits is not None and teacher_topk is not None:
         raise ValueError("give teacher_logits or teacher_topk, not both")
     if teacher_topk is not None and kind != "forward_kl":
@@ -214,5 +212,6 @@ def chunked_kd_ce_sums(student_logits: Tensor, teacher_logits: Tensor | None = N
     zt = teacher_logits.detach() if teacher_logits is not None else None
     mask = None if mask is None else mask.to(student_logits.device, torch.bool)
     labels = None if labels is None else labels.to(student_logits.device)
-    o = Options(kind, float(beta), float(temperature), int(chunk_size), vocab_limit, float(kd_coef), float(ce_coef))
+    chunk_size = resolve_chunk_size(chunk_size, vocab)
+    o = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef))
     return _ChunkedKdCe.apply(student_logits, zt, ids, log_p, log_r, labels, mask, o)
