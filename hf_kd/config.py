@@ -68,8 +68,9 @@ class DistillationConfig(TrainingArguments):
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
     kd_chunk_size: int = field(default=0, metadata={"help": "Tokens per chunk for chunked/fused logit losses; 0 = "
-                               "automatic: as many as keep one float32 [tokens, vocab] chunk under 8 MiB (13 at a "
-                               "152k vocabulary, 42 at 49k); larger chunks are slower on CPU (page faults)."})
+                               "automatic: chunked = as many as keep one float32 [tokens, vocab] chunk under 8 MiB (13 at "
+                               "a 152k vocabulary, 42 at 49k; larger chunks are slower on CPU, page faults), "
+                               "fused = 256 (each chunk updates the head's weight gradient)."})
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder made by `hf-kd cache-teacher`: "
                                       "train from the teacher's cached top-k with no teacher in memory (forward_kl "
                                       "only, same temperature; train_dataset defaults to the cache)."})

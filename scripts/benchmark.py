@@ -18,8 +18,6 @@ Options beyond sizes and counts:
   dtypes get ``cache_k{k}_{B}x{T}_{dtype}``).
 * ``--student-bf16``: ``bf16=True`` (CPU bf16 autocast of the training step) in every case's TrainingArguments /
   DistillationConfig / GKDConfig. Without it all cases train in float32 (TRL's own bf16 default is turned off).
-  Known: hf_kd's kd_impl="fused" refuses bf16 autocast (its logits == lm_head(last hidden) check fails at bf16
-  rounding), so ``fused`` / ``fused_kl`` rows come out as failed with this option.
 * Every end-to-end row records ``teacher_dtype`` and ``student_bf16`` (also ``student``, which has no teacher: it
   carries its run's setting). Rows of different settings are never merged (``--rounds``, ``--append``); the tables
   label them apart (e.g. "(b) hf_kd default (auto = chunked) [teacher bf16, student bf16]") and each case is
