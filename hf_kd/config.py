@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
+from .schedules import SCHEDULED, SCHEDULES
 
 KD_POSITIONS = ("all", "labels")
 KD_IMPLS = ("auto", "full", "chunked", "fused")
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -63,7 +64,9 @@ class DistillationConfig(TrainingArguments):
     use_projection: bool = field(default=True, metadata={"help": "Learn a Linear(student_dim, teacher_dim) "
                                  "per mapped pair where widths differ (trained, not saved into the student)."})
     teacher_dtype: str = field(default="auto", metadata={"help": "Teacher weights dtype: " + ", ".join(TEACHER_DTYPES)
-                               + " ('auto' keeps the teacher's own)."})
+                               + ". 'auto': bfloat16 for a float32 teacher where the device computes bf16 natively "
+                               "(CUDA with bf16, CPUs with AMX or AVX512-BF16), else as loaded; 'model': as loaded. "
+                               "The teacher is cast in place."})
     kd_impl: str = field(default="auto", metadata={"help": "Logit-loss implementation: 'full' (reference), "
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
@@ -76,6 +79,15 @@ class DistillationConfig(TrainingArguments):
                                       "only, same temperature; train_dataset defaults to the cache)."})
     nan_policy: str = field(default="stop", metadata={"help": "Non-finite teacher/student outputs or loss: "
                             "'stop' raises with step and batch, 'skip' drops that batch's loss (logged)."})
+    weight_schedule: str = field(default="constant", metadata={"help": "How alpha_task, kd_weight, hidden_weight "
+                                 "and temperature move to their *_end values over training: " + ", ".join(SCHEDULES)
+                                 + " (e.g. 'progressive alpha': alpha_task 0 -> 1, kd_weight 1 -> 0)."})
+    alpha_task_end: float | None = field(default=None, metadata={"help": "alpha_task at the last step (scheduled)."})
+    kd_weight_end: float | None = field(default=None, metadata={"help": "kd_weight at the last step (scheduled)."})
+    hidden_weight_end: float | None = field(default=None, metadata={"help": "hidden_weight at the last step "
+                                            "(scheduled)."})
+    temperature_end: float | None = field(default=None, metadata={"help": "Temperature at the last step (scheduled; "
+                                          "not with teacher_cache, made at one temperature)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,7 +97,8 @@ class DistillationConfig(TrainingArguments):
         for name in ("alpha_task", "kd_weight", "hidden_weight"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.alpha_task == 0 and self.kd_weight == 0 and self.hidden_weight == 0:
+        if all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
+               for n in ("alpha_task", "kd_weight", "hidden_weight")):  # 0 throughout, schedules included
             raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
         if self.kd_loss not in LOGIT_LOSSES:
             raise ValueError(f"kd_loss {self.kd_loss!r} unknown; choose one of {sorted(LOGIT_LOSSES)}")
@@ -100,6 +113,24 @@ class DistillationConfig(TrainingArguments):
         if self.kd_chunk_size < 0:
             raise ValueError(f"kd_chunk_size must be >= 0 (0 = automatic), got {self.kd_chunk_size}")
         parse_layer_map(self.layer_map)  # fail fast on a malformed map
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        self.schedule_starts = {name: getattr(self, name) for name in SCHEDULED}  # LossSchedule moves these fields
+        ends = {name: getattr(self, f"{name}_end") for name in SCHEDULED}
+        if self.weight_schedule not in SCHEDULES:
+            raise ValueError(f"weight_schedule {self.weight_schedule!r} unknown; choose one of {list(SCHEDULES)}")
+        set_ends = [f"{n}_end" for n, v in ends.items() if v is not None]
+        if self.weight_schedule == "constant" and set_ends:
+            raise ValueError(f"{', '.join(set_ends)} given but weight_schedule='constant': set weight_schedule to "
+                             "'linear' or 'cosine' (or drop the *_end values)")
+        for name, value in ends.items():
+            if value is not None and not (math.isfinite(value) and (value > 0 if name == "temperature" else value >= 0)):
+                raise ValueError(f"{name}_end must be a finite number {'> 0' if name == 'temperature' else '>= 0'}, "
+                                 f"got {value}")
+        if ends["temperature"] is not None and self.teacher_cache is not None:
+            raise ValueError("temperature_end with teacher_cache: a cache holds the teacher at one temperature; "
+                             "drop temperature_end or train online")
 
     @property
     def layer_pairs(self) -> list[tuple[int, int]] | None:

@@ -9,6 +9,10 @@ The KL against a cached teacher treats the tail as one bucket:
 (times T^2), where K is the teacher's top-k set. By the log-sum inequality KL_k <= KL (exact when the
 teacher's tail is proportional to the student's); the student is still pushed to give the tail the mass
 the teacher gives it, not to shape it. ``scripts/cache_error.py`` measures the gap for several k.
+
+:func:`topk_kl` is the reference; the trainer computes the same loss (and the student's CE) chunk by chunk
+with an analytic gradient (:mod:`hf_kd.losses.kd_ce`), so no full-vocabulary float32 log-probabilities of the
+student are built either.
 """
 
 from __future__ import annotations

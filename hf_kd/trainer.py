@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
@@ -24,77 +22,13 @@ from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.fused import resolve_kd_impl
+from .pairs import check_pair, load_teacher, shared_vocab, task_loss_sum, teacher_dtype  # noqa: F401 (load_teacher: public)
+from .schedules import LossSchedule, peak_value, scheduled_values
 from .signals import (CAUSAL_LM, CLASSIFICATION, MASKED_LM, base_model_of, build_projections, check_layer_map,
                       default_layer_map, hidden_width, position_masks, task_of)
 
 PROJECTIONS_NAME = "hf_kd_projections.pt"
 _COUNT_KEYS = ("task", "kd", "hidden")
-
-
-def load_teacher(path_or_id: str, task: str):
-    """Load a teacher for ``task`` from a local folder or a Hub id, with a clear error if it is not a model."""
-    from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM,
-                              AutoModelForSequenceClassification)
-    if os.path.isfile(path_or_id):
-        raise ValueError(f"teacher path {path_or_id!r} is a file: pass the folder that holds config.json and the "
-                         "weights (what save_pretrained wrote), or a Hub model id")
-    if os.path.sep in str(path_or_id) and not os.path.isdir(path_or_id):
-        raise FileNotFoundError(f"teacher path {path_or_id!r} does not exist: check the path, or pass a Hub model id")
-    if os.path.isdir(path_or_id) and not os.path.isfile(os.path.join(path_or_id, "config.json")):
-        raise ValueError(f"teacher path {path_or_id!r} is a folder without config.json: not a saved model")
-    auto = {CAUSAL_LM: AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(task)
-    if auto is None:
-        from transformers import AutoConfig
-        archs = getattr(AutoConfig.from_pretrained(path_or_id), "architectures", None) or []
-        auto = AutoModelForImageClassification if any("Image" in a for a in archs) else AutoModelForSequenceClassification
-    return auto.from_pretrained(path_or_id)
-
-
-def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str, config) -> torch.Tensor:
-    """The student's own loss, summed over counted positions (the caller divides by the global count)."""
-    if task == CAUSAL_LM:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    if task != CLASSIFICATION or config.num_labels > 1 and config.problem_type != "multi_label_classification":
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-    if config.num_labels == 1:  # regression
-        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
-
-
-def shared_vocab(student, teacher, tokenizer) -> int | None:
-    """Vocabulary size to compare logits over, or None when both heads are the same size."""
-    v_s, v_t = student.config.vocab_size, teacher.config.vocab_size
-    if v_s == v_t:
-        return None
-    n_real = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-    if n_real is not None and n_real <= min(v_s, v_t):
-        warnings.warn(f"teacher vocabulary {v_t} and student {v_s} differ only by padding rows (tokenizer has "
-                      f"{n_real} tokens): comparing logits over the first {min(v_s, v_t)}")
-        return min(v_s, v_t)
-    raise ValueError(f"teacher vocabulary ({v_t}) and student vocabulary ({v_s}) differ: hf_kd compares logits "
-                     "token by token, which needs one tokenizer. If they differ only by padding rows, pass the "
-                     "tokenizer as processing_class; otherwise pick a teacher and student with the same tokenizer.")
-
-
-def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
-    """Fail fast on a teacher/student pair that cannot be distilled as configured."""
-    t_task = task_of(teacher)
-    if t_task != task:
-        raise ValueError(f"teacher is a {t_task} model ({type(teacher).__name__}) but the student is a {task} "
-                         f"model ({type(student).__name__}); use the same kind of head for both")
-    if task == "encoder" and (args.kd_weight > 0 or args.alpha_task > 0):  # a head-less base model has no logits
-        raise ValueError(f"{type(student).__name__} has no head (no logits, no task loss): distil it with hidden-state "
-                         "losses only (kd_weight=0, alpha_task=0, hidden_weight > 0)")
-    if task == CLASSIFICATION:
-        s, t = student.config, teacher.config
-        if s.num_labels != t.num_labels:
-            raise ValueError(f"teacher has {t.num_labels} labels, student {s.num_labels}: build the student "
-                             "with the teacher's num_labels and id2label")
-        if s.id2label != t.id2label and not all(v.startswith("LABEL_") for v in s.id2label.values()):
-            raise ValueError(f"teacher id2label {t.id2label} differs from student's {s.id2label}")
-        if s.num_labels == 1 and args.kd_weight > 0 and args.kd_loss != "mse":
-            raise ValueError("a regression head (num_labels=1) has no distribution to match: use kd_loss='mse'")
 
 
 class DistillationTrainer(AtomicSaveMixin, Trainer):
@@ -123,7 +57,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.kd_vocab = shared_vocab(student, teacher_model, kwargs.get("processing_class")) \
             if self.task != CLASSIFICATION else None
         self.layer_pairs = None
-        if args.hidden_weight > 0:
+        if peak_value(args, "hidden_weight") > 0:  # a scheduled weight that starts at 0 still needs its signals
             hidden_width(teacher_model.config), hidden_width(student.config)  # clear error for CNNs etc.
             self.layer_pairs = args.layer_pairs or default_layer_map(teacher_model.config, student.config)
             check_layer_map(self.layer_pairs, teacher_model.config, student.config)
@@ -131,9 +65,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.teacher = self._prepare_teacher(teacher_model)
         self.projections = build_projections(self.layer_pairs or [], teacher_model.config, student.config,
                                              args.use_projection).to(self.accelerator.device)
-        self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._batches = {"train": 0, "eval": 0}
-        self._reliability_init()
+        self._finish_init()
 
     def _init_from_cache(self, model, args, **kwargs):
         """Train from an offline teacher cache: no teacher in memory, the KD term is the top-k KL."""
@@ -144,8 +76,14 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.kd_vocab, self.layer_pairs, self.teacher = None, None, None
         super().__init__(model=model, args=args, **kwargs)
         self.projections = nn.ModuleList()
+        self._finish_init()
+
+    def _finish_init(self) -> None:
+        """What both constructors (teacher / cache) end with: logging state, the loss schedule, input checks."""
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._batches = {"train": 0, "eval": 0}
+        if self.args.weight_schedule != "constant":
+            self.add_callback(LossSchedule())
         self._reliability_init()
 
     def _set_signature_columns_if_needed(self):
@@ -156,8 +94,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
     # ---- teacher -------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.eval().requires_grad_(False)
-        if self.args.teacher_dtype != "auto":
-            teacher = teacher.to(getattr(torch, self.args.teacher_dtype))
+        dtype = teacher_dtype(self.args.teacher_dtype, teacher, self.args.device)
+        if dtype is not None:
+            teacher = teacher.to(dtype)
         if self.is_deepspeed_enabled:  # GPU only: ZeRO-3 shards the teacher too; other stages run it plain
             import deepspeed
             ds = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -340,6 +279,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self._stats[mode].clear()
         self._batches[mode] = 0
         self._log_skipped(logs, mode)
+        if mode == "train" and self.args.weight_schedule != "constant":
+            last = max(self.state.global_step - 1, 0)  # the values the last step trained with
+            logs.update({k: round(v, 6) for k, v in scheduled_values(self.args, last, self.state.max_steps).items()})
         super().log(logs, start_time)
 
     # ---- projections: trained with the student, saved with checkpoints, never in the student --------

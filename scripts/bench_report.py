@@ -22,6 +22,16 @@ CASE_LABELS = {
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
+def failure(row: dict) -> str:
+    """A failed case in one short phrase: out of memory (with the child's limit), else the error's last line."""
+    err = row["error"]
+    if "can't allocate memory" in err or "Cannot allocate memory" in err or "MemoryError" in err:
+        limit = row.get("mem_limit_gb")
+        return "out of memory" + (f" (process limited to {limit} GB, the machine's free memory minus a margin)"
+                                  if limit else "")
+    return err.strip().split("|")[-1].strip()[:160]
+
+
 def variant(row: dict) -> tuple[str, bool]:
     """(teacher_dtype, student_bf16) of a row; rows from before these options were float32 / False."""
     return row.get("teacher_dtype") or "float32", bool(row.get("student_bf16", False))
@@ -84,7 +94,7 @@ def e2e_table(rows: list[dict]) -> str:
                   "peak - start (MB) | other CPU (cores) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in items:
             if "error" in r:
-                lines.append(f"| {case_label(r)} | failed: {r['error'][:160]} | | | | | | |")
+                lines.append(f"| {case_label(r)} | failed: {failure(r)} | | | | | | |")
                 continue
             floor = floors.get(variant(r))  # the floor of the same teacher dtype and student precision
             ratio = r["step_s"] / floor["step_s"] if floor else None
@@ -99,7 +109,7 @@ def loss_table(rows: list[dict]) -> str:
              "| this/naive time |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['vocab']:,} | {r['impl']} | {r['tokens']} | | failed: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['vocab']:,} | {r['impl']} | {r['tokens']} | | failed: {failure(r)} | | | | |")
             continue
         ref_name = "naive_head" if r["impl"] in ("fused", "naive_head", "chunked_head") else "naive"
         ref = next((x for x in rows if x["impl"] == ref_name and x["vocab"] == r["vocab"] and "error" not in x

@@ -156,14 +156,15 @@ def main(argv=None) -> dict:
 
     record("student before training", new_student(), 0.0)
     with tempfile.TemporaryDirectory(prefix="hf_kd_cache_train_") as tmp:
-        runs = [("online (hf_kd default)", None)] + [(f"from cache k={k}", int(k)) for k in args.train_ks.split(",") if k]
+        runs = [("online (fp32 teacher)", None)] + [(f"from cache k={k}", int(k)) for k in args.train_ks.split(",") if k]
         if args.precision_runs:
             runs += [("online, teacher bf16", "bf16"), ("online, teacher bf16 + student bf16 autocast", "bf16+bf16")]
         for name, k in runs:
             model = new_student()
             t0 = time.time()
             if k is None or isinstance(k, str):
-                extra = {} if k is None else {"teacher_dtype": "bfloat16", "bf16": k == "bf16+bf16"}
+                extra = ({"teacher_dtype": "float32"} if k is None  # explicit: hf_kd's 'auto' may pick bf16
+                         else {"teacher_dtype": "bfloat16", "bf16": k == "bf16+bf16"})
                 # the trainer casts its teacher in place: a copy keeps the float32 teacher for the evaluation
                 run_teacher = teacher if k is None else copy.deepcopy(teacher)
                 trainer = DistillationTrainer(model=model, teacher_model=run_teacher,

@@ -84,7 +84,7 @@ def test_trainer_trains_from_cache_with_no_teacher(tmp_path):
     trainer.train()
     cached_logs = [h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h]
     online = DistillationTrainer(model=make_student(teacher, num_layers=1), teacher_model=teacher,
-                                 args=DistillationConfig(kd_impl="full", **base), train_dataset=ds)
+                                 args=DistillationConfig(kd_impl="full", teacher_dtype="model", **base), train_dataset=ds)
     online.train()
     online_logs = [h["kd_loss"] for h in online.state.log_history if "kd_loss" in h]
     assert cached_logs == pytest.approx(online_logs, rel=1e-3)  # k = V, float32: the same objective

@@ -58,7 +58,8 @@ def text_dataset(tok, n=16):
 
 def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                teacher_dtype="model")  # these tests check the teacher is left bit-identical (auto may cast it)
     return DistillationConfig(**{**base, **kw})
 
 

@@ -51,8 +51,8 @@ def rows(n=16, length=12, vocab=V, seed=1, labels=True):
 def args(output_dir, **kw):
     base = dict(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-                hidden_weight=1.0)
-    return DistillationConfig(**{**base, **kw})
+                hidden_weight=1.0, teacher_dtype="model")  # exact comparisons across process/thread layouts:
+    return DistillationConfig(**{**base, **kw})          # keep the float32 teacher ('auto' may pick bf16)
 
 
 def losses(trainer):

@@ -1,0 +1,106 @@
+"""A teacher and a student as a pair: loading the teacher, checking the two fit, the student's own task loss."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .config import DistillationConfig
+from .signals import CAUSAL_LM, CLASSIFICATION, task_of
+
+
+def load_teacher(path_or_id: str, task: str):
+    """Load a teacher for ``task`` from a local folder or a Hub id, with a clear error if it is not a model."""
+    from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM,
+                              AutoModelForSequenceClassification)
+    if os.path.isfile(path_or_id):
+        raise ValueError(f"teacher path {path_or_id!r} is a file: pass the folder that holds config.json and the "
+                         "weights (what save_pretrained wrote), or a Hub model id")
+    if os.path.sep in str(path_or_id) and not os.path.isdir(path_or_id):
+        raise FileNotFoundError(f"teacher path {path_or_id!r} does not exist: check the path, or pass a Hub model id")
+    if os.path.isdir(path_or_id) and not os.path.isfile(os.path.join(path_or_id, "config.json")):
+        raise ValueError(f"teacher path {path_or_id!r} is a folder without config.json: not a saved model")
+    auto = {CAUSAL_LM: AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}.get(task)
+    if auto is None:
+        from transformers import AutoConfig
+        archs = getattr(AutoConfig.from_pretrained(path_or_id), "architectures", None) or []
+        auto = AutoModelForImageClassification if any("Image" in a for a in archs) else AutoModelForSequenceClassification
+    return auto.from_pretrained(path_or_id)
+
+
+def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str, config) -> torch.Tensor:
+    """The student's own loss, summed over counted positions (the caller divides by the global count)."""
+    if task == CAUSAL_LM:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if task != CLASSIFICATION or config.num_labels > 1 and config.problem_type != "multi_label_classification":
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    if config.num_labels == 1:  # regression
+        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
+
+
+def shared_vocab(student, teacher, tokenizer) -> int | None:
+    """Vocabulary size to compare logits over, or None when both heads are the same size."""
+    v_s, v_t = student.config.vocab_size, teacher.config.vocab_size
+    if v_s == v_t:
+        return None
+    n_real = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if n_real is not None and n_real <= min(v_s, v_t):
+        warnings.warn(f"teacher vocabulary {v_t} and student {v_s} differ only by padding rows (tokenizer has "
+                      f"{n_real} tokens): comparing logits over the first {min(v_s, v_t)}")
+        return min(v_s, v_t)
+    raise ValueError(f"teacher vocabulary ({v_t}) and student vocabulary ({v_s}) differ: hf_kd compares logits "
+                     "token by token, which needs one tokenizer. If they differ only by padding rows, pass the "
+                     "tokenizer as processing_class; otherwise pick a teacher and student with the same tokenizer.")
+
+
+def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
+    """Fail fast on a teacher/student pair that cannot be distilled as configured."""
+    t_task = task_of(teacher)
+    if t_task != task:
+        raise ValueError(f"teacher is a {t_task} model ({type(teacher).__name__}) but the student is a {task} "
+                         f"model ({type(student).__name__}); use the same kind of head for both")
+    if task == "encoder" and (args.kd_weight > 0 or args.alpha_task > 0):  # a head-less base model has no logits
+        raise ValueError(f"{type(student).__name__} has no head (no logits, no task loss): distil it with hidden-state "
+                         "losses only (kd_weight=0, alpha_task=0, hidden_weight > 0)")
+    if task == CLASSIFICATION:
+        s, t = student.config, teacher.config
+        if s.num_labels != t.num_labels:
+            raise ValueError(f"teacher has {t.num_labels} labels, student {s.num_labels}: build the student "
+                             "with the teacher's num_labels and id2label")
+        if s.id2label != t.id2label and not all(v.startswith("LABEL_") for v in s.id2label.values()):
+            raise ValueError(f"teacher id2label {t.id2label} differs from student's {s.id2label}")
+        if s.num_labels == 1 and args.kd_weight > 0 and args.kd_loss != "mse":
+            raise ValueError("a regression head (num_labels=1) has no distribution to match: use kd_loss='mse'")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (CUDA with bf16; CPUs with AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private torch.cpu helpers: guard them
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def teacher_dtype(choice: str, teacher, device: torch.device) -> torch.dtype | None:
+    """The dtype to cast the teacher to for DistillationConfig.teacher_dtype ``choice``, or None (keep it).
+
+    'auto' = bfloat16 for a float32 teacher on hardware with native bf16. Evidence (SmolLM2-135M on a 2-core Xeon
+    with AMX, docs/performance.md): the teacher's forward is 4.2x faster, its distribution moves by a mean token
+    KL of 3.6e-4 at T=2, and a student distilled for 25 steps ends within 0.02% (held-out KL) and 0.08%
+    (perplexity) of the float32-teacher student while training 1.5x faster.
+    """
+    if choice == "model":
+        return None
+    if choice != "auto":
+        return getattr(torch, choice)
+    param = next(teacher.parameters(), None)
+    if param is not None and param.dtype == torch.float32 and native_bf16(device):
+        return torch.bfloat16
+    return None
