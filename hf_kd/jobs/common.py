@@ -4,6 +4,7 @@ run, and the report."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -135,8 +136,11 @@ def distill_and_report(job, args: DistillationConfig, *, teacher, new_student, t
         processing_class.save_pretrained(out)
     if save_extra is not None:
         save_extra(out)
-    t_time, s_time = latency(teacher, speed_inputs), latency(student, speed_inputs)
-    shape = "x".join(str(d) for d in next(iter(speed_inputs.values())).shape)
+    dtype = next(student.parameters()).dtype  # the trainer may have cast the teacher (teacher_dtype): time both alike
+    same = teacher if next(teacher.parameters()).dtype == dtype else copy.deepcopy(teacher).to(dtype)
+    t_time, s_time = latency(same, speed_inputs), latency(student, speed_inputs)
+    del same
+    shape = "x".join(str(d) for d in next(iter(speed_inputs.values())).shape) + f" {str(dtype).replace('torch.', '')}"
     report = {
         "task": task, "teacher": teacher_name, "data": data, "machine": machine(),
         "teacher_parameters": num_parameters(teacher), "student_parameters": num_parameters(student),
