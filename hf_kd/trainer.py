@@ -22,7 +22,7 @@ from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.fused import resolve_kd_impl
-from .pairs import check_pair, load_teacher, shared_vocab, task_loss_sum, teacher_dtype  # noqa: F401 (load_teacher: public)
+from .pairs import check_pair, load_teacher, shared_vocab, task_loss_sum, teacher_dtype
 from .schedules import LossSchedule, peak_value, scheduled_values
 from .signals import (CAUSAL_LM, CLASSIFICATION, MASKED_LM, base_model_of, build_projections, check_layer_map,
                       default_layer_map, hidden_width, position_masks, task_of)
