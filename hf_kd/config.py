@@ -58,6 +58,9 @@ class DistillationConfig(TrainingArguments):
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss over the "
                                  "layer map (averaged over mapped pairs)."})
     hidden_loss: str = field(default="cosine", metadata={"help": "Hidden-state loss: " + ", ".join(HIDDEN_LOSSES)})
+    relation_weight: float = field(default=0.0, metadata={"help": "Weight of similarity-preserving KD (Tung & Mori "
+                                   "2019) over the layer_map pairs: the b x b similarities of the examples' pooled "
+                                   "hidden states, student vs teacher (any widths, no projection; batches of 2+)."})
     layer_map: str | None = field(default=None, metadata={"help": "teacher:student hidden-state pairs, e.g. "
                                   "'0:0,6:1,12:2' (0 = embeddings). Default: from make_student's record of "
                                   "kept layers, else spread uniformly."})
@@ -94,11 +97,11 @@ class DistillationConfig(TrainingArguments):
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1 is plain softmax, "
                              "2-4 is usual")
-        for name in ("alpha_task", "kd_weight", "hidden_weight"):
+        for name in ("alpha_task", "kd_weight", "hidden_weight", "relation_weight"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
-               for n in ("alpha_task", "kd_weight", "hidden_weight")):  # 0 throughout, schedules included
+        if self.relation_weight == 0 and all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
+                                             for n in ("alpha_task", "kd_weight", "hidden_weight")):  # 0 throughout, schedules included
             raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
         if self.kd_loss not in LOGIT_LOSSES:
             raise ValueError(f"kd_loss {self.kd_loss!r} unknown; choose one of {sorted(LOGIT_LOSSES)}")

@@ -69,8 +69,9 @@ def check_cache(meta: dict, student, args, task: str) -> None:
                         f"{args.temperature} (set temperature={meta['temperature']} or remake the cache)")
     if meta["vocab_size"] != student.config.vocab_size:
         problems.append(f"cache vocabulary {meta['vocab_size']} != student vocabulary {student.config.vocab_size}")
-    if args.hidden_weight > 0:
-        problems.append("hidden-state losses need the teacher's hidden states: set hidden_weight=0")
+    if args.hidden_weight > 0 or args.relation_weight > 0:
+        problems.append("hidden-state and relational losses need the teacher's hidden states: set hidden_weight=0 "
+                        "and relation_weight=0")
     if args.kd_weight > 0 and args.kd_loss != "forward_kl":
         problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {args.kd_loss!r}")
     if task != "causal_lm":

@@ -28,7 +28,7 @@ from .signals import (CAUSAL_LM, CLASSIFICATION, MASKED_LM, base_model_of, build
                       default_layer_map, hidden_width, position_masks, task_of)
 
 PROJECTIONS_NAME = "hf_kd_projections.pt"
-_COUNT_KEYS = ("task", "kd", "hidden")
+_COUNT_KEYS = ("task", "kd", "hidden", "batches")  # batches: micro-batches (the relational loss is per batch)
 
 
 class DistillationTrainer(AtomicSaveMixin, Trainer):
@@ -57,14 +57,15 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.kd_vocab = shared_vocab(student, teacher_model, kwargs.get("processing_class")) \
             if self.task != CLASSIFICATION else None
         self.layer_pairs = None
-        if peak_value(args, "hidden_weight") > 0:  # a scheduled weight that starts at 0 still needs its signals
+        self.use_hidden = peak_value(args, "hidden_weight") > 0  # a scheduled weight that starts at 0 still counts
+        if self.use_hidden or args.relation_weight > 0:
             hidden_width(teacher_model.config), hidden_width(student.config)  # clear error for CNNs etc.
             self.layer_pairs = args.layer_pairs or default_layer_map(teacher_model.config, student.config)
             check_layer_map(self.layer_pairs, teacher_model.config, student.config)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = self._prepare_teacher(teacher_model)
-        self.projections = build_projections(self.layer_pairs or [], teacher_model.config, student.config,
-                                             args.use_projection).to(self.accelerator.device)
+        self.projections = build_projections(self.layer_pairs if self.use_hidden else [], teacher_model.config,
+                                             student.config, args.use_projection).to(self.accelerator.device)
         self._finish_init()
 
     def _init_from_cache(self, model, args, **kwargs):
@@ -73,7 +74,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         cache, meta = load_teacher_cache(args.teacher_cache)
         check_cache(meta, base_model_of(model), args, self.task)
         kwargs.setdefault("train_dataset", cache)
-        self.kd_vocab, self.layer_pairs, self.teacher = None, None, None
+        self.kd_vocab, self.layer_pairs, self.teacher, self.use_hidden = None, None, None, False
         super().__init__(model=model, args=args, **kwargs)
         self.projections = nn.ModuleList()
         self._finish_init()
@@ -136,8 +137,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         totals = torch.zeros(len(_COUNT_KEYS), dtype=torch.float64)
         for batch in batches:
             masks = position_masks(batch, self.task, self.args.kd_positions)
-            totals += torch.tensor([float(masks[k].sum()) if k in masks else 0.0 for k in _COUNT_KEYS],
-                                   dtype=torch.float64)
+            totals += torch.tensor([float(masks[k].sum()) if k in masks else 1.0 if k == "batches" else 0.0
+                                    for k in _COUNT_KEYS], dtype=torch.float64)
         totals = totals.to(device)
         scale = 1
         if self.accelerator.num_processes > 1 and self.args.average_tokens_across_devices:
@@ -194,10 +195,14 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             else:
                 kd_sum = self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
             parts["kd"] = kd_sum / counts["kd"]
-        if need_hidden:
+        if need_hidden and args.relation_weight > 0:
+            parts["relation"] = self._relation_loss(outputs.hidden_states, teacher_out.hidden_states,
+                                                    masks["hidden"]) / counts["batches"]
+        if self.use_hidden:
             parts["hidden"] = self._hidden_loss_sum(outputs.hidden_states, teacher_out.hidden_states,
                                                     masks["hidden"]) / counts["hidden"]
-        weights = {"task": args.alpha_task, "kd": args.kd_weight, "hidden": args.hidden_weight}
+        weights = {"task": args.alpha_task, "kd": args.kd_weight, "hidden": args.hidden_weight,
+                   "relation": args.relation_weight}
         loss = sum(weights[k] * v for k, v in parts.items()) * counts["scale"]
         if not torch.isfinite(loss):  # cheap check on the total; the culprit is looked for only now
             loss, parts = reliability.handle_nonfinite(self, model, loss, parts, outputs, teacher_out)
@@ -242,6 +247,13 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         fn = LOGIT_LOSSES[self.args.kd_loss]
         return fn(student_logits, teacher_logits, temperature=self.args.temperature, mask=mask,
                   reduction="sum", **extra)
+
+    def _relation_loss(self, student_states, teacher_states, mask):
+        """Similarity-preserving KD of this micro-batch, averaged over the layer-map pairs."""
+        from .losses.relational import pooled, similarity_preserving
+        mask = mask if mask.dim() == 2 else None  # images: every patch counts
+        return sum(similarity_preserving(pooled(student_states[s], mask), pooled(teacher_states[t], mask))
+                   for t, s in self.layer_pairs) / len(self.layer_pairs)
 
     def _hidden_loss_sum(self, student_states, teacher_states, mask):
         fn = HIDDEN_LOSSES[self.args.hidden_loss]

@@ -5,6 +5,7 @@ from .chunked import (CHUNKED_LOGIT_LOSSES, chunked_forward_kl, chunked_generali
 from .fused import fused_cross_entropy, fused_kd_ce_sums, fused_kd_loss
 from .kd_ce import chunked_kd_ce_sums
 from .hidden import hidden_cosine, hidden_mse
+from .relational import pooled, similarity_preserving
 from .logits import forward_kl, generalized_jsd, logit_mse, reduce, reverse_kl
 
 LOGIT_LOSSES = {
@@ -22,5 +23,5 @@ __all__ = [
     "forward_kl", "reverse_kl", "generalized_jsd", "logit_mse", "hidden_cosine", "hidden_mse", "reduce",
     "LOGIT_LOSSES", "HIDDEN_LOSSES",
     "chunked_logit_loss", "chunked_forward_kl", "chunked_reverse_kl", "chunked_generalized_jsd", "chunked_logit_mse",
-    "CHUNKED_LOGIT_LOSSES", "chunked_kd_ce_sums", "fused_kd_loss", "fused_kd_ce_sums", "fused_cross_entropy",
+    "CHUNKED_LOGIT_LOSSES", "chunked_kd_ce_sums", "pooled", "similarity_preserving", "fused_kd_loss", "fused_kd_ce_sums", "fused_cross_entropy",
 ]
