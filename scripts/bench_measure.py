@@ -148,3 +148,12 @@ def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 60) -> di
             return {"load_1min": load, "waited_s": round(time.time() - t0), "quiet": load < max_load}
         print(f"load average {load:.2f} >= {max_load}: waiting {poll_s:.0f} s", flush=True)
         time.sleep(poll_s)
+
+
+def save_json(path: str, results: dict) -> None:
+    """Write ``results`` to ``path`` atomically (a temporary file, then a rename), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    os.replace(tmp, path)

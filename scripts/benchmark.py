@@ -77,7 +77,7 @@ from bench_cases import (CASES, EXTRA_CASES, LOSS_IMPLS, MODELS, SYNTH, TEACHER_
                          build_trainer, load_teacher, naive_bytes, prepare, run_case, run_loss_case,
                          synthetic_config)
 from bench_measure import (Window, available_gb, child, limit_memory, machine_info, peak_mb,  # noqa: E402
-                           reset_peak, rss_mb, setup_torch, wait_for_quiet)
+                           reset_peak, rss_mb, save_json, setup_torch, wait_for_quiet)
 from bench_report import (CASE_LABELS, best_of_rounds, e2e_table, loss_table, parse_size, render,  # noqa: E402
                           targets, targets_table, variant_suffix)
 
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
                         msg = r.get("error") or (f"step {r['step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s, "
                                                  f"peak {r['peak_train_mb']:.0f} MB, other CPU {r['other_cpu_cores']:.2f}")
                         print(f"[round {rnd} {model} {key} {case}{variant_suffix(r)}] {msg}", flush=True)
-                        _save(args.out, results)
+                        save_json(args.out, results)
 
     if args.only in ("all", "loss"):
         hidden = {49152: 576, 151936: 896}  # SmolLM2-135M's and Qwen2.5-0.5B's widths
@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
             results["loss"].append(r)
             print(f"[loss V={v} {impl} chunk={chunk}] " + (r.get("error") or
                   f"{r['time_s']:.2f} s, added {r['added_mb']:.0f} MB"), flush=True)
-            _save(args.out, results)
+            save_json(args.out, results)
 
     if args.append and not results.get("prepared") and os.path.isfile(args.out):
         with open(args.out) as f:
@@ -249,17 +249,9 @@ def main(argv=None) -> dict:
     caches = {k: v for k, v in results.get("prepared", {}).get("caches", {}).items()}
     results["targets"] = targets(results["e2e"], [r for r in results["loss"] if not r.get("sweep")], caches)
     results["load_after"] = os.getloadavg()[0]
-    _save(args.out, results)
+    save_json(args.out, results)
     print(render(results))
     return results
-
-
-def _save(path: str, results: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -54,7 +53,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(args.threads)
-    from bench_measure import machine_info
+    from bench_measure import machine_info, save_json
 
     from hf_kd.assets import load_smollm2, load_tales
     from hf_kd.data import pack_for_causal_lm
@@ -190,9 +189,7 @@ def main(argv=None) -> dict:
         r["kl_vs_online"] = r["teacher_kl"] / online["teacher_kl"] - 1.0
     results["load_after"] = os.getloadavg()[0]
     results["wall_s"] = time.time() - t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save_json(args.out, results)
     print(render(results))
     return results
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(args.threads)
-    from bench_measure import Window, machine_info
+    from bench_measure import Window, machine_info, save_json
     from hf_kd.assets import load_smollm2, load_tales
     from hf_kd.data import pack_for_causal_lm
     from hf_kd.losses import forward_kl
@@ -97,9 +96,7 @@ def main(argv=None) -> dict:
                                      "tokens_per_s": x.numel() / statistics.median(times),
                                      "other_cpu_cores": win.other_cores})
     results["load_after"] = os.getloadavg()[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save_json(args.out, results)
     print(render(results))
     return results
 
