@@ -234,9 +234,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
     def _logit_loss_sum(self, student_logits, teacher_logits, mask):
         from .losses.chunked import CHUNKED_LOGIT_LOSSES
         extra = {"beta": self.args.jsd_beta} if self.args.kd_loss == "jsd" else {}
-        if self.kd_impl == "chunked":
-            if self.task == CAUSAL_LM:  # i predicts i+1: drop the last position by mask, no [tokens, vocab] slice copy
-                mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+        if self.kd_impl == "chunked":  # classifiers asked for it explicitly (LMs take _chunked_sums)
             return CHUNKED_LOGIT_LOSSES[self.args.kd_loss](
                 student_logits, teacher_logits, temperature=self.args.temperature, mask=mask, reduction="sum",
                 chunk_size=self.args.kd_chunk_size, vocab_limit=self.kd_vocab, **extra)
