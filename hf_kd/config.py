@@ -119,7 +119,6 @@ class DistillationConfig(TrainingArguments):
         self._check_schedule()
 
     def _check_schedule(self) -> None:
-        self.schedule_starts = {name: getattr(self, name) for name in SCHEDULED}  # LossSchedule moves these fields
         ends = {name: getattr(self, f"{name}_end") for name in SCHEDULED}
         if self.weight_schedule not in SCHEDULES:
             raise ValueError(f"weight_schedule {self.weight_schedule!r} unknown; choose one of {list(SCHEDULES)}")

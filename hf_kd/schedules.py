@@ -26,27 +26,28 @@ def schedule_fraction(kind: str, step: int, total: int) -> float:
     return x if kind == "linear" else 0.5 * (1.0 - math.cos(math.pi * x))
 
 
-def scheduled_values(args, step: int, total: int) -> dict[str, float]:
-    """The scheduled fields' values at ``step``: {field: value} for the fields with an ``*_end``."""
-    f = schedule_fraction(args.weight_schedule, step, total)
-    starts = args.schedule_starts
-    return {name: starts[name] + f * (getattr(args, f"{name}_end") - starts[name])
-            for name in SCHEDULED if getattr(args, f"{name}_end") is not None}
-
-
 def peak_value(args, name: str) -> float:
-    """The largest value ``name`` takes during training (decides which losses and signals are built)."""
-    end = getattr(args, f"{name}_end", None)
-    start = args.schedule_starts[name] if args.weight_schedule != "constant" else getattr(args, name)
-    return max(start, end) if end is not None and args.weight_schedule != "constant" else start
+    """The largest value ``name`` takes during training (decides which losses and signals are built); read before
+    training starts, while the field still holds its configured value."""
+    end, value = getattr(args, f"{name}_end", None), getattr(args, name)
+    return value if end is None else max(value, end)
 
 
 class LossSchedule(TrainerCallback):
     """Sets the scheduled fields of the trainer's args before every optimizer step (and at the start of a
-    resumed run), from the start values recorded when the config was made."""
+    resumed run), from their values when the trainer was built."""
+
+    def __init__(self, args):
+        self.starts = {name: getattr(args, name) for name in SCHEDULED}
+
+    def values(self, args, step: int, total: int) -> dict[str, float]:
+        """The scheduled fields' values at ``step``: {field: value} for the fields with an ``*_end``."""
+        f = schedule_fraction(args.weight_schedule, step, total)
+        return {name: self.starts[name] + f * (getattr(args, f"{name}_end") - self.starts[name])
+                for name in SCHEDULED if getattr(args, f"{name}_end") is not None}
 
     def _apply(self, args, state) -> None:
-        for name, value in scheduled_values(args, state.global_step, state.max_steps).items():
+        for name, value in self.values(args, state.global_step, state.max_steps).items():
             setattr(args, name, value)
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -23,7 +23,7 @@ from .config import DistillationConfig
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.fused import resolve_kd_impl
 from .pairs import check_pair, load_teacher, shared_vocab, task_loss_sum, teacher_dtype
-from .schedules import LossSchedule, peak_value, scheduled_values
+from .schedules import LossSchedule, peak_value
 from .signals import (CAUSAL_LM, CLASSIFICATION, MASKED_LM, base_model_of, build_projections, check_layer_map,
                       default_layer_map, hidden_width, position_masks, task_of)
 
@@ -83,8 +83,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         """What both constructors (teacher / cache) end with: logging state, the loss schedule, input checks."""
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._batches = {"train": 0, "eval": 0}
-        if self.args.weight_schedule != "constant":
-            self.add_callback(LossSchedule())
+        self.schedule = LossSchedule(self.args) if self.args.weight_schedule != "constant" else None
+        if self.schedule is not None:
+            self.add_callback(self.schedule)
         self._reliability_init()
 
     def _set_signature_columns_if_needed(self):
@@ -289,9 +290,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self._stats[mode].clear()
         self._batches[mode] = 0
         self._log_skipped(logs, mode)
-        if mode == "train" and self.args.weight_schedule != "constant":
+        if mode == "train" and self.schedule is not None:
             last = max(self.state.global_step - 1, 0)  # the values the last step trained with
-            logs.update({k: round(v, 6) for k, v in scheduled_values(self.args, last, self.state.max_steps).items()})
+            logs.update({k: round(v, 6) for k, v in self.schedule.values(self.args, last, self.state.max_steps).items()})
         super().log(logs, start_time)
 
     # ---- projections: trained with the student, saved with checkpoints, never in the student --------

@@ -65,3 +65,16 @@ def test_trainer_follows_the_schedule(tmp_path):
     assert "kd_loss" in logs[0] and "task_loss" not in logs[0]  # weight 0: the term is not even computed
     assert all(math.isfinite(h["loss"]) for h in logs)
     assert "hidden_loss" in logs[-1] and "task_loss" in logs[-1]  # both came on during training
+
+
+def test_schedule_starts_from_the_args_the_trainer_is_built_with(tmp_path):
+    """An args field edited after the config was made (as users of TrainingArguments do) is the start value."""
+    teacher = CAUSAL["llama"]()
+    args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, logging_steps=1,
+                              per_device_train_batch_size=4, save_strategy="no", weight_schedule="linear",
+                              temperature=4.0, temperature_end=1.0)
+    args.temperature = 3.0
+    trainer = DistillationTrainer(model=make_student(teacher, num_layers=2), teacher_model=teacher, args=args,
+                                  train_dataset=padded_rows())
+    trainer.train()
+    assert [h["temperature"] for h in trainer.state.log_history if "loss" in h] == pytest.approx([3.0, 1.0])
