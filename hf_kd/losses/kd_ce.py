@@ -143,8 +143,7 @@ class _ChunkedKdCe(torch.autograd.Function):
         has_kd = zt_all is not None or ids is not None
         for start in range(0, n, o.chunk_size):
             rows = slice(start, min(start + o.chunk_size, n))
-            kd_counted = None if not has_kd else mask[rows] if mask is not None else \
-                torch.ones(rows.stop - start, dtype=torch.bool, device=zs_all.device)
+            kd_counted = mask[rows] if has_kd else None
             chunk_labels = labels[rows] if labels is not None else None
             if not ((kd_counted is not None and kd_counted.any())
                     or (chunk_labels is not None and (chunk_labels != -100).any())):
@@ -200,8 +199,8 @@ def chunked_kd_ce_sums(student_logits: Tensor, teacher_logits: Tensor | None = N
         raise ValueError(f"a top-k teacher cache supports kind='forward_kl' only, not {kind!r}")
     n, vocab = student_logits.shape if student_logits.dim() == 2 else (None, None)
     width = vocab_limit or vocab
-    if n is None or (teacher_logits is not None and (teacher_logits.shape[0] != n or teacher_logits.shape[1] < width)) \
-            or (vocab is not None and width > vocab):
+    if n is None or width > vocab or (teacher_logits is not None and (
+            teacher_logits.dim() != 2 or teacher_logits.shape[0] != n or teacher_logits.shape[1] < width)):
         raise ValueError(f"student logits {tuple(student_logits.shape)} / teacher logits "
                          f"{None if teacher_logits is None else tuple(teacher_logits.shape)}: expected [N, V] and "
                          f"[N, >= {width}] (vocab_limit={vocab_limit})")
@@ -210,7 +209,8 @@ def chunked_kd_ce_sums(student_logits: Tensor, teacher_logits: Tensor | None = N
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [{n}]")
     ids, log_p, log_r = (x.detach() for x in teacher_topk) if teacher_topk is not None else (None, None, None)
     zt = teacher_logits.detach() if teacher_logits is not None else None
-    mask = None if mask is None else mask.to(student_logits.device, torch.bool)
+    mask = torch.ones(n, dtype=torch.bool, device=student_logits.device) if mask is None else \
+        mask.to(student_logits.device, torch.bool)
     labels = None if labels is None else labels.to(student_logits.device)
     chunk_size = resolve_chunk_size(chunk_size, vocab)
     o = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef))
