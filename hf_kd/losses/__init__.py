@@ -4,6 +4,8 @@ from .chunked import (CHUNKED_LOGIT_LOSSES, chunked_forward_kl, chunked_generali
                       chunked_logit_mse, chunked_reverse_kl)
 from .fused import fused_cross_entropy, fused_kd_ce_sums, fused_kd_loss
 from .kd_ce import chunked_kd_ce_sums
+from .features import attention_probs_loss, attention_transfer, hint_loss, match_spatial, spatial_attention_map
+from .gradients import great_discriminator_loss, great_generator_loss, input_gradient_matching
 from .hidden import hidden_cosine, hidden_mse
 from .relational import pooled, similarity_preserving
 from .logits import forward_kl, generalized_jsd, logit_mse, reduce, reverse_kl
@@ -25,3 +27,5 @@ __all__ = [
     "chunked_logit_loss", "chunked_forward_kl", "chunked_reverse_kl", "chunked_generalized_jsd", "chunked_logit_mse",
     "CHUNKED_LOGIT_LOSSES", "chunked_kd_ce_sums", "pooled", "similarity_preserving", "fused_kd_loss", "fused_kd_ce_sums", "fused_cross_entropy",
 ]
+__all__ += ["hint_loss", "spatial_attention_map", "match_spatial", "attention_transfer", "attention_probs_loss",
+            "input_gradient_matching", "great_discriminator_loss", "great_generator_loss"]
