@@ -319,9 +319,29 @@ def test_missing_optional_dependency_names_the_pip_command(monkeypatch, package,
         reliability.require(package, pip_name, "reading GGUF files")
 
 
-def test_require_returns_an_installed_module():
-    import json
-    assert reliability.require("json") is json
+def test_missing_dependency_error_names_the_pip_name_purpose_and_cause(monkeypatch):
+    """The import name and the pip name differ (yaml / pyyaml): the message gives both, the original ImportError is
+    chained; without pip_name and purpose, the package itself and "this feature" are named."""
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(ImportError) as caught:
+        reliability.require("yaml", "pyyaml", "writing YAML configs")
+    message = str(caught.value)
+    assert message.startswith("writing YAML configs needs the optional package 'yaml', which is not installed")
+    assert message.endswith("Install it with: pip install pyyaml")
+    assert isinstance(caught.value.__cause__, ImportError) and "yaml" in str(caught.value.__cause__)
+    monkeypatch.setitem(sys.modules, "hf_kd_no_such_package", None)
+    with pytest.raises(ImportError, match=r"^this feature needs the optional package 'hf_kd_no_such_package'.*"
+                                          r"pip install hf_kd_no_such_package$"):
+        reliability.require("hf_kd_no_such_package")
+
+
+def test_require_imports_a_module_not_yet_loaded(monkeypatch):
+    """An installed module that nobody imported yet is imported (and registered), submodules by dotted name."""
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    module = reliability.require("colorsys", "colorsys", "colour conversions")
+    assert sys.modules["colorsys"] is module and module.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
+    minidom = reliability.require("xml.dom.minidom")
+    assert minidom.__name__ == "xml.dom.minidom" and minidom.parseString("<a><b/></a>").documentElement.tagName == "a"
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path):

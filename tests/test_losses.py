@@ -131,7 +131,32 @@ def test_hidden_losses_reference():
 
 
 def test_registry_names():
-    assert set(losses.LOGIT_LOSSES) >= {"forward_kl", "reverse_kl", "jsd", "mse"}
+    """Exactly these names, each mapped to the function it names, checked by value against the textbook formulas
+    (not by identity alone: a registry entry that pointed at another loss would compute something else)."""
+    assert set(losses.LOGIT_LOSSES) == {"forward_kl", "reverse_kl", "jsd", "mse"}
     assert set(losses.HIDDEN_LOSSES) == {"cosine", "mse"}
+    s, te = logits(3, 5, seed=20), logits(3, 5, seed=21)
+    ps = [softmax(row, 1.0) for row in s.tolist()]
+    pt = [softmax(row, 1.0) for row in te.tolist()]
+    mix = [[(a + b) / 2 for a, b in zip(x, y)] for x, y in zip(pt, ps)]
+    want = {
+        "forward_kl": sum(ref_kl(t, q) for t, q in zip(pt, ps)) / 3,
+        "reverse_kl": sum(ref_kl(q, t) for t, q in zip(pt, ps)) / 3,
+        "jsd": sum(0.5 * ref_kl(t, m) + 0.5 * ref_kl(q, m) for t, q, m in zip(pt, ps, mix)) / 3,
+        "mse": sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), te.flatten().tolist())) / 15,
+    }
+    assert len(set(round(v, 6) for v in want.values())) == 4  # the four losses tell each other apart here
+    for name, fn in losses.LOGIT_LOSSES.items():
+        assert float(fn(s, te)) == pytest.approx(want[name], rel=1e-5), name
+    assert losses.LOGIT_LOSSES["forward_kl"] is forward_kl and losses.LOGIT_LOSSES["reverse_kl"] is reverse_kl
+    assert losses.LOGIT_LOSSES["jsd"] is generalized_jsd and losses.LOGIT_LOSSES["mse"] is logit_mse
+    a, b = logits(2, 3, 4, seed=22), logits(2, 3, 4, seed=23)
+    rows = list(zip(a.reshape(-1, 4).tolist(), b.reshape(-1, 4).tolist()))
+    cos = [sum(x * y for x, y in zip(u, v)) / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v)) for u, v in rows]
+    hidden_want = {"cosine": sum(1 - c for c in cos) / 6,
+                   "mse": sum(sum((x - y) ** 2 for x, y in zip(u, v)) / 4 for u, v in rows) / 6}
+    for name, fn in losses.HIDDEN_LOSSES.items():
+        assert float(fn(a, b)) == pytest.approx(hidden_want[name], rel=1e-5), name
+    assert losses.HIDDEN_LOSSES["cosine"] is hidden_cosine and losses.HIDDEN_LOSSES["mse"] is hidden_mse
     with pytest.raises(ValueError):
         losses.reduce(torch.ones(2), None, "median")

@@ -24,8 +24,33 @@ def test_auto_is_bf16_only_for_a_float32_teacher_on_native_bf16(monkeypatch, nat
     assert teacher_dtype("float16", fp32, CPU) == torch.float16
 
 
-def test_native_bf16_answers_for_every_device():
-    assert isinstance(pairs.native_bf16(CPU), bool)
+@pytest.mark.parametrize("amx,avx512_bf16", [(False, False), (True, False), (False, True), (True, True)])
+def test_native_bf16_on_cpu_follows_torchs_capability_flags(monkeypatch, amx, avx512_bf16):
+    """True iff torch reports AMX tiles or AVX512-BF16 (raising=False: the private helpers may be missing)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert pairs.native_bf16(CPU) is (amx or avx512_bf16)
+
+
+def test_native_bf16_without_torchs_private_helpers_is_false(monkeypatch):
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert pairs.native_bf16(CPU) is False
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_native_bf16_on_cuda_asks_torch_cuda(monkeypatch, supported):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: calls.append(a) or supported)
+    # the CPU flags say the opposite: a CUDA device must not be answered from them
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not supported, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: not supported, raising=False)
+    assert pairs.native_bf16(torch.device("cuda", 0)) is supported and len(calls) == 1
+
+
+def test_native_bf16_is_false_for_other_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert pairs.native_bf16(torch.device("meta")) is False
 
 
