@@ -7,16 +7,27 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .align import KD_POSITIONS
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .schedules import SCHEDULED, SCHEDULES
-
-KD_POSITIONS = ("all", "labels")
 KD_IMPLS = ("auto", "full", "chunked", "fused")
 TEACHER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
 
 
-def parse_layer_map(value) -> list[tuple[int, int]] | None:
+def parse_module_pairs(value, what: str = "module pairs") -> list[tuple[str, str]] | None:
+    """'teacher.module:student.module,...' -> [(teacher name, student name), ...]."""
+    if not value:
+        return None
+    if not isinstance(value, str):
+        return [tuple(p) for p in value]
+    pairs = [tuple(item.split(":")) for item in value.replace(" ", "").split(",") if item]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise ValueError(f"{what} {value!r}: expected 'teacher.module:student.module' pairs separated by commas")
+    return pairs
+
+
+def parse_layer_map(value, unique: bool = True) -> list[tuple[int, int]] | None:
     """'0:0,4:1,8:2' (teacher:student hidden-state indices) or a list of pairs -> list of int pairs."""
     if value is None or value == "" or value == []:
         return None
@@ -30,7 +41,7 @@ def parse_layer_map(value) -> list[tuple[int, int]] | None:
     if any(len(p) != 2 for p in pairs):
         raise ValueError(f"layer_map {value!r}: every item must be a teacher:student pair")
     students = [s for _, s in pairs]
-    if len(set(students)) != len(students):
+    if unique and len(set(students)) != len(students):
         raise ValueError(f"layer_map {value!r}: a student hidden state appears twice; map each at most once")
     if any(i < 0 for p in pairs for i in p):
         raise ValueError(f"layer_map {value!r}: indices must be >= 0 (0 is the embedding output)")
@@ -53,8 +64,11 @@ class DistillationConfig(TrainingArguments):
                          + " (forward_kl = KL(teacher||student); jsd uses jsd_beta)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD: 0 = forward KL, "
                             "1 = reverse KL."})
-    kd_positions: str = field(default="all", metadata={"help": "Masked LM only: 'all' non-padding tokens "
-                              "(DistilBERT) or 'labels' (only positions whose label is not -100)."})
+    kd_positions: str = field(default="auto", metadata={"help": "Positions the teacher's outputs are matched on: "
+                              "'all' = every non-padding token / every example, labelled or not (so unlabelled "
+                              "examples, label -100, are distilled: a transfer set), 'labels' = only positions "
+                              "whose label is not -100, 'auto' = 'labels' for causal LMs (prompt tokens masked "
+                              "with -100 are not distilled), 'all' otherwise."})
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss over the "
                                  "layer map (averaged over mapped pairs)."})
     hidden_loss: str = field(default="cosine", metadata={"help": "Hidden-state loss: " + ", ".join(HIDDEN_LOSSES)})
@@ -80,11 +94,41 @@ class DistillationConfig(TrainingArguments):
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder made by `hf-kd cache-teacher`: "
                                       "train from the teacher's cached top-k with no teacher in memory (forward_kl "
                                       "only, same temperature; train_dataset defaults to the cache)."})
+    hint_weight: float = field(default=0.0, metadata={"help": "Weight of FitNets hints (Romero et al. 2015) on "
+                               "hint_layers, through learned adapters (Linear for token states, 1x1 conv + BatchNorm "
+                               "for feature maps)."})
+    hint_layers: str | None = field(default=None, metadata={"help": "Hint module pairs 'teacher.module:student.module"
+                                    ",...' (names as in model.named_modules(), e.g. 'vit.layers.2:resnet.encoder."
+                                    "stages.1')."})
+    hint_normalize: bool = field(default=False, metadata={"help": "Compare L2-normalised features (the 'feature "
+                                 "similarity' form) instead of plain MSE."})
+    hint_first_stage: float = field(default=0.0, metadata={"help": "FitNets stage 1: for this fraction of training "
+                                    "only the hints train (the student up to its hint modules); the other terms "
+                                    "start after it. 0 = one stage."})
+    attention_weight: float = field(default=0.0, metadata={"help": "Weight of attention-probability transfer "
+                                    "(TinyBERT/MiniLM style) over attention_layers; switches both models to eager "
+                                    "attention."})
+    attention_layers: str | None = field(default=None, metadata={"help": "teacher:student transformer layer pairs, "
+                                         "0-based, e.g. '3:0,7:1,11:2'. Default: the layers the layer map pairs."})
+    attention_loss: str = field(default="kl", metadata={"help": "'kl' = KL(teacher || student) per query, or 'mse'."})
+    at_weight: float = field(default=0.0, metadata={"help": "Weight of spatial attention transfer (Zagoruyko & "
+                             "Komodakis 2017) on at_layers (CNN feature maps, or ViT tokens on their patch grid)."})
+    at_layers: str | None = field(default=None, metadata={"help": "Attention-transfer module pairs "
+                                  "'teacher.module:student.module,...'."})
+    input_grad_weight: float = field(default=0.0, metadata={"help": "Weight of input-gradient matching (Sobolev "
+                                     "training, Czarnecki et al. 2017): ||d L_T/dx - d L_S/dx||^2 w.r.t. pixels or "
+                                     "token embeddings; needs labels and a backward through the teacher."})
+    great_weight: float = field(default=0.0, metadata={"help": "Weight of adversarial input-gradient matching "
+                                "(GREAT, Sinha et al. 2018): a discriminator on input gradients, the student trained "
+                                "to fool it."})
     nan_policy: str = field(default="stop", metadata={"help": "Non-finite teacher/student outputs or loss: "
                             "'stop' raises with step and batch, 'skip' drops that batch's loss (logged)."})
     weight_schedule: str = field(default="constant", metadata={"help": "How alpha_task, kd_weight, hidden_weight "
                                  "and temperature move to their *_end values over training: " + ", ".join(SCHEDULES)
-                                 + " (e.g. 'progressive alpha': alpha_task 0 -> 1, kd_weight 1 -> 0)."})
+                                 + " (e.g. 'progressive alpha': alpha_task 0 -> 1, kd_weight 1 -> 0; 'step' jumps "
+                                 "at schedule_at, 'warmup' ramps over the first schedule_at of training)."})
+    schedule_at: float = field(default=0.5, metadata={"help": "Fraction of training where a 'step' schedule jumps, or "
+                               "over which a 'warmup' schedule ramps to its end value."})
     alpha_task_end: float | None = field(default=None, metadata={"help": "alpha_task at the last step (scheduled)."})
     kd_weight_end: float | None = field(default=None, metadata={"help": "kd_weight at the last step (scheduled)."})
     hidden_weight_end: float | None = field(default=None, metadata={"help": "hidden_weight at the last step "
@@ -97,10 +141,13 @@ class DistillationConfig(TrainingArguments):
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1 is plain softmax, "
                              "2-4 is usual")
-        for name in ("alpha_task", "kd_weight", "hidden_weight", "relation_weight"):
+        for name in ("alpha_task", "kd_weight", "hidden_weight", "relation_weight", "hint_weight",
+                     "attention_weight", "at_weight", "input_grad_weight", "great_weight"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.relation_weight == 0 and all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
+        others = ("relation_weight", "hint_weight", "attention_weight", "at_weight", "input_grad_weight",
+                  "great_weight")
+        if all(getattr(self, n) == 0 for n in others) and all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
                                              for n in ("alpha_task", "kd_weight", "hidden_weight")):  # 0 throughout, schedules included
             raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
         if self.kd_loss not in LOGIT_LOSSES:
@@ -116,6 +163,17 @@ class DistillationConfig(TrainingArguments):
         if self.kd_chunk_size < 0:
             raise ValueError(f"kd_chunk_size must be >= 0 (0 = automatic), got {self.kd_chunk_size}")
         parse_layer_map(self.layer_map)  # fail fast on a malformed map
+        parse_layer_map(self.attention_layers, unique=False)
+        for name in ("hint_layers", "at_layers"):
+            parse_module_pairs(getattr(self, name), name)
+        if self.hint_weight > 0 and not self.hint_layers:
+            raise ValueError("hint_weight > 0 needs hint_layers ('teacher.module:student.module,...')")
+        if self.at_weight > 0 and not self.at_layers:
+            raise ValueError("at_weight > 0 needs at_layers ('teacher.module:student.module,...')")
+        if self.attention_loss not in ("kl", "mse"):
+            raise ValueError(f"attention_loss must be 'kl' or 'mse', got {self.attention_loss!r}")
+        if not 0.0 <= self.hint_first_stage < 1.0:
+            raise ValueError(f"hint_first_stage is a fraction of training in [0, 1), got {self.hint_first_stage}")
         self._check_schedule()
 
     def _check_schedule(self) -> None:
@@ -125,7 +183,9 @@ class DistillationConfig(TrainingArguments):
         set_ends = [f"{n}_end" for n, v in ends.items() if v is not None]
         if self.weight_schedule == "constant" and set_ends:
             raise ValueError(f"{', '.join(set_ends)} given but weight_schedule='constant': set weight_schedule to "
-                             "'linear' or 'cosine' (or drop the *_end values)")
+                             "'linear', 'cosine', 'step' or 'warmup' (or drop the *_end values)")
+        if not 0.0 <= self.schedule_at <= 1.0:
+            raise ValueError(f"schedule_at must be a fraction of training in [0, 1], got {self.schedule_at}")
         for name, value in ends.items():
             if value is not None and not (math.isfinite(value) and (value > 0 if name == "temperature" else value >= 0)):
                 raise ValueError(f"{name}_end must be a finite number {'> 0' if name == 'temperature' else '>= 0'}, "

@@ -6,10 +6,9 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from .config import DistillationConfig
-from .signals import CAUSAL_LM, CLASSIFICATION, task_of
+from .schedules import peak_value
+from .tasks import CAUSAL_LM, CLASSIFICATION, ENCODER, task_of
 
 
 def load_teacher(path_or_id: str, task: str):
@@ -31,18 +30,6 @@ def load_teacher(path_or_id: str, task: str):
     return auto.from_pretrained(path_or_id)
 
 
-def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str, config) -> torch.Tensor:
-    """The student's own loss, summed over counted positions (the caller divides by the global count)."""
-    if task == CAUSAL_LM:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    if task != CLASSIFICATION or config.num_labels > 1 and config.problem_type != "multi_label_classification":
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-    if config.num_labels == 1:  # regression
-        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
-
-
 def shared_vocab(student, teacher, tokenizer) -> int | None:
     """Vocabulary size to compare logits over, or None when both heads are the same size."""
     v_s, v_t = student.config.vocab_size, teacher.config.vocab_size
@@ -58,13 +45,14 @@ def shared_vocab(student, teacher, tokenizer) -> int | None:
                      "tokenizer as processing_class; otherwise pick a teacher and student with the same tokenizer.")
 
 
-def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
-    """Fail fast on a teacher/student pair that cannot be distilled as configured."""
+def check_pair(student, teacher, task: str, args) -> None:
+    """Fail fast on a teacher/student pair that cannot be distilled as configured (weights read at their peak)."""
     t_task = task_of(teacher)
     if t_task != task:
         raise ValueError(f"teacher is a {t_task} model ({type(teacher).__name__}) but the student is a {task} "
                          f"model ({type(student).__name__}); use the same kind of head for both")
-    if task == "encoder" and (args.kd_weight > 0 or args.alpha_task > 0):  # a head-less base model has no logits
+    kd_on = peak_value(args, "kd_weight") > 0
+    if task == ENCODER and (kd_on or peak_value(args, "alpha_task") > 0):  # a head-less base model has no logits
         raise ValueError(f"{type(student).__name__} has no head (no logits, no task loss): distil it with hidden-state "
                          "losses only (kd_weight=0, alpha_task=0, hidden_weight > 0)")
     if task == CLASSIFICATION:
@@ -74,7 +62,7 @@ def check_pair(student, teacher, task: str, args: DistillationConfig) -> None:
                              "with the teacher's num_labels and id2label")
         if s.id2label != t.id2label and not all(v.startswith("LABEL_") for v in s.id2label.values()):
             raise ValueError(f"teacher id2label {t.id2label} differs from student's {s.id2label}")
-        if s.num_labels == 1 and args.kd_weight > 0 and args.kd_loss != "mse":
+        if s.num_labels == 1 and kd_on and args.kd_loss != "mse":
             raise ValueError("a regression head (num_labels=1) has no distribution to match: use kd_loss='mse'")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .signals import CLASSIFICATION, base_model_of
+from .tasks import CLASSIFICATION, base_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +234,11 @@ def nonfinite_report(named: Mapping) -> list[str]:
     """'teacher logits (3 NaN, 1 inf of 480 values)' for every tensor (or sequence of tensors) that is not finite."""
     found = []
     for name, value in named.items():
-        tensors = [(name, value)] if torch.is_tensor(value) or value is None else \
-            [(f"{name} {i}", v) for i, v in enumerate(value)]
+        if torch.is_tensor(value) or value is None:
+            tensors = [(name, value)]
+        else:
+            tensors = [(f"{name} {i}", v) for i, v in (value.items() if isinstance(value, Mapping) else
+                                                       enumerate(value))]
         for label, t in tensors:
             if torch.is_tensor(t) and not bool(torch.isfinite(t).all()):
                 found.append(f"{label} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf of "
@@ -298,7 +301,13 @@ class GracefulInterrupt(TrainerCallback):
         self.restore()
 
 
-def handle_nonfinite(trainer, model, loss, parts, outputs, teacher_out):
+def connected_zero(model) -> torch.Tensor:
+    """A zero loss connected to every trainable parameter (zero gradients: backward and DDP still work)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum((p.reshape(-1)[:1].float() * 0.0).sum() for p in params)
+
+
+def handle_nonfinite(trainer, model, loss, parts, student, teacher):
     """The loss is NaN/inf: name the step, micro-batch and culprit; raise (nan_policy='stop') or return a zero
     loss still connected to the graph so backward and DDP work (nan_policy='skip', training only)."""
     training, args = model.training, trainer.args
@@ -308,11 +317,11 @@ def handle_nonfinite(trainer, model, loss, parts, outputs, teacher_out):
                  f"{index} (of {args.gradient_accumulation_steps} per step)")
     else:
         where = f"evaluation batch {trainer._batches['eval']} (at global step {trainer.state.global_step})"
-    found = nonfinite_report({"teacher logits": getattr(teacher_out, "logits", None),
-                                          "student logits": getattr(outputs, "logits", None)})
+    found = nonfinite_report({"teacher logits": getattr(teacher, "logits", None),
+                              "student logits": getattr(student, "logits", None)})
     found = found or nonfinite_report({
-        "teacher hidden state": getattr(teacher_out, "hidden_states", None) or (),
-        "student hidden state": getattr(outputs, "hidden_states", None) or ()})
+        "teacher hidden state": getattr(teacher, "hidden", None) or {},
+        "student hidden state": getattr(student, "hidden", None) or {}})
     found += [f"{k} loss = {float(v.detach())}" for k, v in parts.items() if not torch.isfinite(v)]
     diverged = not all(bool(torch.isfinite(p).all()) for p in model.parameters())
     culprit = "; ".join(found) or "the weighted sum overflowed"
@@ -327,8 +336,7 @@ def handle_nonfinite(trainer, model, loss, parts, outputs, teacher_out):
     if training and args.nan_policy == "skip" and not diverged:
         trainer._skipped += 1
         logger.warning(message + " Skipping this micro-batch (nan_policy='skip').")
-        params = [p for m in (model, trainer.projections) for p in m.parameters() if p.requires_grad]
-        zero = sum((p.reshape(-1)[:1].float() * 0.0).sum() for p in params)  # zero grads, finite, connected
+        zero = connected_zero(model)  # zero grads, finite, connected (the signals' parts are in the model)
         return zero, {k: torch.zeros((), device=zero.device) for k in parts}
     if not training and args.nan_policy == "skip":
         logger.warning(message + " Kept in the evaluation loss so it shows (nan_policy='skip' "

@@ -12,7 +12,8 @@ import time
 import torch
 
 from .losses import forward_kl
-from .signals import CAUSAL_LM, CLASSIFICATION, ENCODER, MASKED_LM, position_masks
+from .align import position_masks, predicting, targets
+from .tasks import CAUSAL_LM, CLASSIFICATION, ENCODER, MASKED_LM
 
 
 def _no_cache(model) -> dict:
@@ -42,10 +43,7 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs, **_no_cache(model)).logits.float()
         labels = batch["labels"]
-        if task == CAUSAL_LM:
-            logits_p, labels_p = logits[:, :-1], labels[:, 1:]
-        else:
-            logits_p, labels_p = logits, labels
+        logits_p, labels_p = predicting(logits, task), targets(labels, task)
         valid = labels_p != -100
         ce += torch.nn.functional.cross_entropy(logits_p[valid], labels_p[valid], reduction="sum").item()
         correct += (logits_p.argmax(-1)[valid] == labels_p[valid]).sum().item()
@@ -53,8 +51,7 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
         if teacher is not None:
             t_logits = teacher(**inputs, **_no_cache(teacher)).logits.float()[..., :logits.shape[-1]]
             mask = position_masks(batch, task)["kd"]
-            s = logits[:, :-1] if task == CAUSAL_LM else logits
-            t = t_logits[:, :-1] if task == CAUSAL_LM else t_logits
+            s, t = predicting(logits, task), predicting(t_logits, task)
             agree += (s.argmax(-1)[mask] == t.argmax(-1)[mask]).sum().item()
             kl += forward_kl(s, t, mask=mask, reduction="sum").item()
             kd_count += mask.sum().item()

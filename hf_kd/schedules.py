@@ -1,57 +1,92 @@
-"""Loss-weight and temperature schedules ("progressive alpha", temperature annealing).
+"""Schedules: the value of a loss weight or a temperature at an optimizer step.
 
-With ``weight_schedule`` "linear" or "cosine", each of alpha_task, kd_weight, hidden_weight and temperature that
-has an ``*_end`` value moves from its configured value at step 0 to the end value at the last step; the others
-stay. The value at a step depends only on (step, max_steps), so a resumed run continues the same curve.
+A :class:`Schedule` moves from ``start`` to ``end`` over training with a shape ``kind``:
+
+* constant  ``start`` throughout (``end`` unused)
+* linear    ``start + f (end - start)`` with f = step / (total - 1)
+* cosine    ``start + (1 - cos(pi f)) / 2 (end - start)``
+* step      ``start`` before the fraction ``at`` of training, ``end`` from it on
+* warmup    linear from ``start`` to ``end`` over the first ``at`` of training, then ``end`` (a ramp)
+
+The value depends only on (step, total), so a resumed run continues the same curve, and nothing is written
+back into the training arguments: the trainer asks each signal's schedule for its value at every step, and every
+construction-time check reads :attr:`Schedule.peak`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from transformers import TrainerCallback
-
-SCHEDULES = ("constant", "linear", "cosine")
-SCHEDULED = ("alpha_task", "kd_weight", "hidden_weight", "temperature")
+SCHEDULES = ("constant", "linear", "cosine", "step", "warmup")
+SCHEDULED = ("alpha_task", "kd_weight", "hidden_weight", "temperature")  # the config fields with an *_end
 
 
-def schedule_fraction(kind: str, step: int, total: int) -> float:
-    """How far along the schedule ``kind`` is at optimizer step ``step`` (0-based) of ``total``: 0 at the first
-    step, 1 at the last."""
+def schedule_fraction(kind: str, step: int, total: int, at: float = 0.5) -> float:
+    """How far along a ``kind`` schedule is at optimizer step ``step`` (0-based) of ``total``: 0 at the first step,
+    1 at the last (the last step trains at the end value)."""
     if kind not in SCHEDULES:
-        raise ValueError(f"weight_schedule {kind!r} unknown; choose one of {list(SCHEDULES)}")
+        raise ValueError(f"schedule {kind!r} unknown; choose one of {list(SCHEDULES)}")
     if kind == "constant" or total <= 1:
         return 0.0
-    x = min(max(step / (total - 1), 0.0), 1.0)  # steps 0 .. total - 1: the last step trains at the end value
-    return x if kind == "linear" else 0.5 * (1.0 - math.cos(math.pi * x))
+    x = min(max(step / (total - 1), 0.0), 1.0)
+    if kind == "linear":
+        return x
+    if kind == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * x))
+    if kind == "step":
+        return 1.0 if x >= at else 0.0
+    return min(x / at, 1.0) if at > 0 else 1.0  # warmup
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A value over training; ``Schedule.constant(v)`` or e.g. ``Schedule(0.0, 1.0, "warmup", at=0.1)``."""
+
+    start: float
+    end: float | None = None
+    kind: str = "constant"
+    at: float = 0.5  # step: where the jump happens; warmup: the length of the ramp (fractions of training)
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule {self.kind!r} unknown; choose one of {list(SCHEDULES)}")
+        if self.kind != "constant" and self.end is None:
+            raise ValueError(f"a {self.kind!r} schedule needs an end value")
+        if not 0.0 <= self.at <= 1.0:
+            raise ValueError(f"schedule fraction 'at' must be in [0, 1], got {self.at}")
+        for v in (self.start, self.end):
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"schedule values must be finite, got {v}")
+
+    @classmethod
+    def constant(cls, value: float) -> "Schedule":
+        return cls(float(value))
+
+    def value(self, step: int, total: int) -> float:
+        if self.kind == "constant" or self.end is None:
+            return self.start
+        return self.start + schedule_fraction(self.kind, step, total, self.at) * (self.end - self.start)
+
+    @property
+    def peak(self) -> float:
+        """The largest value taken during training (decides which signals are built and checked)."""
+        return self.start if self.end is None or self.kind == "constant" else max(self.start, self.end)
+
+    @property
+    def varies(self) -> bool:
+        return self.kind != "constant" and self.end is not None and self.end != self.start
+
+
+def from_args(args, name: str) -> Schedule:
+    """The schedule of config field ``name`` (alpha_task, kd_weight, hidden_weight, temperature): its value, its
+    ``*_end`` and ``weight_schedule`` / ``schedule_at``; read, never written."""
+    end = getattr(args, f"{name}_end", None)
+    if end is None or args.weight_schedule == "constant":
+        return Schedule.constant(getattr(args, name))
+    return Schedule(float(getattr(args, name)), float(end), args.weight_schedule, args.schedule_at)
 
 
 def peak_value(args, name: str) -> float:
-    """The largest value ``name`` takes during training (decides which losses and signals are built); read before
-    training starts, while the field still holds its configured value."""
-    end, value = getattr(args, f"{name}_end", None), getattr(args, name)
-    return value if end is None else max(value, end)
-
-
-class LossSchedule(TrainerCallback):
-    """Sets the scheduled fields of the trainer's args before every optimizer step (and at the start of a
-    resumed run), from their values when the trainer was built."""
-
-    def __init__(self, args):
-        self.starts = {name: getattr(args, name) for name in SCHEDULED}
-
-    def values(self, args, step: int, total: int) -> dict[str, float]:
-        """The scheduled fields' values at ``step``: {field: value} for the fields with an ``*_end``."""
-        f = schedule_fraction(args.weight_schedule, step, total)
-        return {name: self.starts[name] + f * (getattr(args, f"{name}_end") - self.starts[name])
-                for name in SCHEDULED if getattr(args, f"{name}_end") is not None}
-
-    def _apply(self, args, state) -> None:
-        for name, value in self.values(args, state.global_step, state.max_steps).items():
-            setattr(args, name, value)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._apply(args, state)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._apply(args, state)
+    """The largest value config field ``name`` takes during training."""
+    return from_args(args, name).peak

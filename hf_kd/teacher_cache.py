@@ -17,7 +17,6 @@ student are built either.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
+from .align import predicting
 from .losses.kd_ce import log1mexp
 from .losses.logits import reduce
 
@@ -54,47 +54,33 @@ def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
 
 
 def cached_kl_sum(student_logits, cached: dict, mask, task: str, temperature: float) -> torch.Tensor:
-    """The trainer's KD sum against cached columns (causal LMs: position i of both predicts token i+1)."""
-    ids, lp, tail = (cached[c] for c in CACHE_COLUMNS)
-    if task == "causal_lm":
-        student_logits, ids, lp, tail = student_logits[:, :-1], ids[:, :-1], lp[:, :-1], tail[:, :-1]
-    return topk_kl(student_logits, ids, lp, tail, temperature=temperature, mask=mask, reduction="sum")
+    """The KD sum against cached columns, over the positions that predict (hf_kd.align: causal shift)."""
+    ids, lp, tail = (predicting(cached[c], task) for c in CACHE_COLUMNS)
+    return topk_kl(predicting(student_logits, task), ids, lp, tail, temperature=temperature, mask=mask,
+                   reduction="sum")
 
 
-def check_cache(meta: dict, student, args, task: str) -> None:
-    """Fail fast when a cache cannot serve this student and config."""
+def check_cache(meta: dict, student, signals, task: str) -> None:
+    """Fail fast when a cache cannot serve this student and its logit-distillation signal."""
     problems = []
-    if abs(meta["temperature"] - args.temperature) > 1e-9:
-        problems.append(f"the cache was made at temperature {meta['temperature']}, the config asks for "
-                        f"{args.temperature} (set temperature={meta['temperature']} or remake the cache)")
+    for sig in signals:
+        temperature = getattr(sig, "temperature", None)
+        if temperature is None:
+            continue
+        if temperature.varies:
+            problems.append(f"signal {sig.name!r} schedules its temperature, but a cache holds the teacher at one "
+                            f"temperature ({meta['temperature']}): drop temperature_end or train online")
+        elif abs(meta["temperature"] - temperature.start) > 1e-9:
+            problems.append(f"the cache was made at temperature {meta['temperature']}, the config asks for "
+                            f"{temperature.start} (set temperature={meta['temperature']} or remake the cache)")
+        if sig.kind != "forward_kl":  # checked whatever its weight, also one that starts at 0
+            problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {sig.kind!r}")
     if meta["vocab_size"] != student.config.vocab_size:
         problems.append(f"cache vocabulary {meta['vocab_size']} != student vocabulary {student.config.vocab_size}")
-    if args.hidden_weight > 0 or args.relation_weight > 0:
-        problems.append("hidden-state and relational losses need the teacher's hidden states: set hidden_weight=0 "
-                        "and relation_weight=0")
-    if args.kd_weight > 0 and args.kd_loss != "forward_kl":
-        problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {args.kd_loss!r}")
     if task != "causal_lm":
         problems.append(f"teacher caches are made for causal LMs; this student is a {task} model")
     if problems:
         raise ValueError("teacher_cache " + "; ".join(problems))
-
-
-@dataclasses.dataclass
-class CacheArguments:
-    """`hf-kd cache-teacher`: run a causal-LM teacher over packed text once and store its top-k."""
-
-    output_dir: str = dataclasses.field(default="outputs/teacher_cache", metadata={"help": "Where to save."})
-    teacher: str = dataclasses.field(default="smollm2", metadata={"help": "'smollm2' (packaged) or folder/Hub id."})
-    dataset: str = dataclasses.field(default="tales", metadata={"help": "'tales' or a datasets name."})
-    text_column: str = dataclasses.field(default="text", metadata={"help": "Text column."})
-    block_size: int = dataclasses.field(default=128, metadata={"help": "Tokens per packed sequence."})
-    max_blocks: int = dataclasses.field(default=0, metadata={"help": "Blocks to cache (0 = all)."})
-    k: int = dataclasses.field(default=32, metadata={"help": "Teacher log-probabilities kept per token."})
-    temperature: float = dataclasses.field(default=2.0, metadata={"help": "Temperature the cache is made at; "
-                                           "training must use the same."})
-    storage_dtype: str = dataclasses.field(default="float16", metadata={"help": "float16 or float32."})
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "Teacher batch size."})
 
 
 @torch.inference_mode()
@@ -162,18 +148,3 @@ def load_teacher_cache(path: str):
     with open(meta_path) as f:
         meta = json.load(f)
     return load_from_disk(path).with_format("torch"), meta
-
-
-def main(argv=None) -> dict:
-    from transformers import HfArgumentParser
-
-    from .data import pack_for_causal_lm
-    from .jobs.clm import CausalLMJob, load_teacher, load_text
-    (args,) = HfArgumentParser(CacheArguments).parse_args_into_dataclasses(args=argv)
-    teacher, tok = load_teacher(args.teacher)
-    train_text, _, name = load_text(CausalLMJob(dataset=args.dataset, text_column=args.text_column))
-    blocks = pack_for_causal_lm(train_text, tok, args.block_size, args.text_column, max_blocks=args.max_blocks or None)
-    meta = build_teacher_cache(teacher, blocks, args.output_dir, k=args.k, temperature=args.temperature,
-                               storage_dtype=args.storage_dtype, batch_size=args.batch_size, teacher_name=args.teacher)
-    print(json.dumps(meta, indent=2))
-    return meta

@@ -1,10 +1,15 @@
-"""DistillationTrainer: a transformers.Trainer whose loss is
+"""DistillationTrainer: a transformers.Trainer whose loss is a weighted sum of signals,
 
-    L = alpha_task * L_task + kd_weight * L_kd(student, teacher) + hidden_weight * L_hidden(student, teacher)
+    L = sum_k w_k(step) * L_k(student, teacher)        (hf_kd.signals: task loss, logit KD, hidden states, ...)
 
-Token losses are sums over the batch divided by the global count of counted positions in the whole
-optimizer step (all gradient-accumulation micro-batches, all processes), so the loss and its gradients do
-not depend on how a global batch is split.
+One batch flows one way: align (hf_kd.align: masks and counts) -> one teacher pass and one student pass that keep
+what the signals need (hf_kd.capture) -> the logit signals through the logit engine (hf_kd.engine), the others
+through their own loss_sum -> each divided by its global count -> weighted sum -> backward.
+
+Counts are summed over every micro-batch of the optimizer step and every process, so the loss and its gradients
+do not depend on how a global batch is split. The signals' trainable parts (projections, adapters) live in one
+module attached to the student: the Trainer's optimizer, gradient clipping, grad_norm and checkpoints see them;
+they are never saved into the student folder.
 """
 
 from __future__ import annotations
@@ -17,83 +22,104 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from . import reliability
+from . import capture, reliability
+from .align import COUNT_KEYS, batch_counts, position_masks
 from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
-from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
-from .losses.fused import resolve_kd_impl
-from .pairs import check_pair, load_teacher, shared_vocab, task_loss_sum, teacher_dtype
-from .schedules import LossSchedule, peak_value
-from .signals import (CAUSAL_LM, CLASSIFICATION, MASKED_LM, base_model_of, build_projections, check_layer_map,
-                      default_layer_map, hidden_width, position_masks, task_of)
+from .engine import LogitEngine, logit_needs
+from .pairs import check_pair, load_teacher, shared_vocab, teacher_dtype
+from .signals import WEIGHT_FIELDS, Context, Signal, from_config
+from .tasks import base_model_of, task_of
+from .teacher_cache import CACHE_COLUMNS, check_cache, load_teacher_cache
 
-PROJECTIONS_NAME = "hf_kd_projections.pt"
-_COUNT_KEYS = ("task", "kd", "hidden", "batches")  # batches: micro-batches (the relational loss is per batch)
+EXTRAS = "hf_kd_signals"  # the student's submodule holding the signals (and their trainable parts)
+EXTRAS_FILE = "hf_kd_extras.pt"  # their state in a checkpoint
 
 
 class DistillationTrainer(AtomicSaveMixin, Trainer):
-    """A Trainer that distils ``teacher_model`` into ``model``; every other argument is the Trainer's."""
+    """A Trainer that distils ``teacher_model`` into ``model``; ``signals``: extra terms (hf_kd.signals.Signal)
+    beside those the config's fields ask for; every other argument is the Trainer's."""
 
     loss_is_scaled_for_ga = True  # compute_loss normalises by the global count itself
 
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None,
-                 teacher_processing_class=None, **kwargs):
+                 teacher_processing_class=None, signals: list[Signal] | None = None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
         if model is None or (teacher_model is None) == (args.teacher_cache is None):
             raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model= or "
                              "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both")
         self.task = task_of(model)
-        self.kd_impl = resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
-        if args.teacher_cache is not None:
-            return self._init_from_cache(model, args, **kwargs)
-        reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
-        if args.should_save:
-            reliability.check_output_dir(args.output_dir)
-        if isinstance(teacher_model, (str, os.PathLike)):
-            teacher_model = load_teacher(str(teacher_model), self.task)
+        self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)
-        check_pair(student, teacher_model, self.task, args)
-        self.kd_vocab = shared_vocab(student, teacher_model, kwargs.get("processing_class")) \
-            if self.task != CLASSIFICATION else None
-        self.layer_pairs = None
-        self.use_hidden = peak_value(args, "hidden_weight") > 0  # a scheduled weight that starts at 0 still counts
-        if self.use_hidden or args.relation_weight > 0:
-            hidden_width(teacher_model.config), hidden_width(student.config)  # clear error for CNNs etc.
-            self.layer_pairs = args.layer_pairs or default_layer_map(teacher_model.config, student.config)
-            check_layer_map(self.layer_pairs, teacher_model.config, student.config)
+        self.kd_vocab, cache_meta = None, None
+        if args.teacher_cache is not None:
+            dataset, cache_meta = load_teacher_cache(args.teacher_cache)
+            kwargs.setdefault("train_dataset", dataset)
+        else:
+            reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
+            if args.should_save:
+                reliability.check_output_dir(args.output_dir)
+            if isinstance(teacher_model, (str, os.PathLike)):
+                teacher_model = load_teacher(str(teacher_model), self.task)
+            check_pair(student, teacher_model, self.task, args)
+            if self.task != "classification":
+                self.kd_vocab = shared_vocab(student, teacher_model, kwargs.get("processing_class"))
+        self.signals = self._build_signals(args, teacher_model, student, signals or [], cache_meta)
+        self._attach_signals(model, student)
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher = self._prepare_teacher(teacher_model)
-        self.projections = build_projections(self.layer_pairs if self.use_hidden else [], teacher_model.config,
-                                             student.config, args.use_projection).to(self.accelerator.device)
-        self._finish_init()
-
-    def _init_from_cache(self, model, args, **kwargs):
-        """Train from an offline teacher cache: no teacher in memory, the KD term is the top-k KL."""
-        from .teacher_cache import check_cache, load_teacher_cache
-        cache, meta = load_teacher_cache(args.teacher_cache)
-        check_cache(meta, base_model_of(model), args, self.task)
-        kwargs.setdefault("train_dataset", cache)
-        self.kd_vocab, self.layer_pairs, self.teacher, self.use_hidden = None, None, None, False
-        super().__init__(model=model, args=args, **kwargs)
-        self.projections = nn.ModuleList()
-        self._finish_init()
-
-    def _finish_init(self) -> None:
-        """What both constructors (teacher / cache) end with: logging state, the loss schedule, input checks."""
+        self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self.engine = LogitEngine(self.kd_impl, self.task, model, self.teacher, chunk_size=args.kd_chunk_size,
+                                  vocab_limit=self.kd_vocab)
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._batches = {"train": 0, "eval": 0}
-        self.schedule = LossSchedule(self.args) if self.args.weight_schedule != "constant" else None
-        if self.schedule is not None:
-            self.add_callback(self.schedule)
         self._reliability_init()
+
+    # ---- the signals ----------------------------------------------------------------------------------------
+    def _build_signals(self, args, teacher, student, extra: list, cache_meta) -> nn.ModuleList:
+        built = from_config(args, self.task, teacher, student) + list(extra)
+        names = [s.name for s in built]
+        if len(set(names)) != len(names):
+            raise ValueError(f"signal names must be unique, got {names}")
+        if not built:
+            raise ValueError("no signal has a weight > 0: set alpha_task, kd_weight, hidden_weight (or pass signals=)")
+        for s in built:
+            if cache_meta is not None and not (s.teacher_free or s.logit):
+                raise ValueError(f"teacher_cache: signal {s.name!r} needs the teacher in memory (a cache holds only "
+                                 "its top-k output distribution): drop it or train online")
+            if teacher is None and not s.teacher_free and not s.logit:
+                raise ValueError(f"signal {s.name!r} needs a teacher")
+            s.check(teacher, student)
+            if (s.needs("teacher") | s.needs("student")).attentions:
+                for m in (teacher, student):
+                    if m is not None:
+                        capture.use_eager_attention(m)
+            if s.needs("student").input_grad:  # a double backward: SDPA / flash kernels have no second derivative
+                capture.use_eager_attention(student)
+        if cache_meta is not None:
+            check_cache(cache_meta, student, built, self.task)
+        return nn.ModuleList(built)
+
+    def _attach_signals(self, model: nn.Module, student: nn.Module) -> None:
+        """The signals become a submodule of the student, so optimizer, clipping, grad_norm and device placement
+        include their parameters; save_pretrained skips them (_keys_to_ignore_on_save) and DDP ignores them (their
+        gradients are averaged by hand in training_step: they are used outside the student's forward)."""
+        student.add_module(EXTRAS, self.signals)
+        keys = {k for k in student.state_dict() if k.startswith(EXTRAS + ".")}
+        student._keys_to_ignore_on_save = set(student._keys_to_ignore_on_save or ()) | keys
+        model._ddp_params_and_buffers_to_ignore = [
+            n for n, _ in [*model.named_parameters(), *model.named_buffers()] if f"{EXTRAS}." in n]
+
+    @property
+    def projections(self) -> nn.ModuleList:
+        """The hidden-state signal's projections (empty without one)."""
+        return next((s.projections for s in self.signals if hasattr(s, "projections")), nn.ModuleList())
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        from .teacher_cache import CACHE_COLUMNS
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, "labels", *CACHE_COLUMNS]))
 
-    # ---- teacher -------------------------------------------------------------------------------
+    # ---- teacher -------------------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.eval().requires_grad_(False)
         dtype = teacher_dtype(self.args.teacher_dtype, teacher, self.args.device)
@@ -110,166 +136,86 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             return teacher.eval()
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def _teacher_outputs(self, inputs: dict, need_hidden: bool):
-        from .losses.fused import forward_hidden
-        kwargs = {"output_hidden_states": True} if need_hidden else {}
-        if getattr(base_model_of(self.teacher).config, "use_cache", None) is not None:
-            kwargs["use_cache"] = False
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        fused = self.kd_impl == "fused"
-        # inference_mode: no autograd bookkeeping at all. Its tensors may not be saved for backward, so what a
-        # backward keeps (the hidden states the layer map pairs, the fused path's last hidden state) is copied
-        # out; the others are dropped, and the logits are read only by gradient-free code.
-        with torch.inference_mode():
-            if self.task == CAUSAL_LM and (fused or self.args.kd_weight == 0):  # no teacher logits needed
-                outputs, last_hidden = forward_hidden(self.teacher, model_inputs, check=fused, **kwargs)
-            else:
-                outputs, last_hidden = self.teacher(**model_inputs, **kwargs), None
-        if last_hidden is not None:
-            outputs["last_hidden_state"] = last_hidden.clone()
-        if need_hidden:
-            used = {t for t, _ in self.layer_pairs}
-            outputs.hidden_states = tuple(h.clone() if i in used else None for i, h in enumerate(outputs.hidden_states))
-        return outputs
-
-    # ---- normalisation ---------------------------------------------------------------------------
+    # ---- normalisation ---------------------------------------------------------------------------------------
     def _counts(self, batches: list, device) -> dict:
-        """Counted positions of each loss over ``batches`` and all processes."""
-        totals = torch.zeros(len(_COUNT_KEYS), dtype=torch.float64)
-        for batch in batches:
-            masks = position_masks(batch, self.task, self.args.kd_positions)
-            totals += torch.tensor([float(masks[k].sum()) if k in masks else 1.0 if k == "batches" else 0.0
-                                    for k in _COUNT_KEYS], dtype=torch.float64)
-        totals = totals.to(device)
+        """COUNT_KEYS counts over ``batches`` and all processes, plus 'scale' (DDP averages over processes)."""
+        totals = sum(batch_counts(b, self.task, self.args.kd_positions) for b in batches).to(device)
         scale = 1
         if self.accelerator.num_processes > 1 and self.args.average_tokens_across_devices:
             totals = self.accelerator.reduce(totals, reduction="sum")
-            scale = self.accelerator.num_processes  # DDP averages gradients over processes
-        return {**{k: totals[i].clamp(min=1).float() for i, k in enumerate(_COUNT_KEYS)}, "scale": scale}
+            scale = self.accelerator.num_processes
+        return {**{k: totals[i].clamp(min=1).float() for i, k in enumerate(COUNT_KEYS)}, "scale": scale}
 
     def _get_num_items_in_batch(self, batch_samples: list, device) -> dict:
         return self._counts(batch_samples, device)
 
-    # ---- the loss --------------------------------------------------------------------------------
+    # ---- the loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args = self.args
-        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else self._counts([inputs], self.accelerator.device)
-        labels = inputs.get("labels")
-        if args.alpha_task > 0 and labels is None:
-            raise ValueError("alpha_task > 0 but the batch has no 'labels': use a collator that makes labels "
-                             "(e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
-        masks = position_masks(inputs, self.task, args.kd_positions)
-        need_hidden = self.layer_pairs is not None
-        from .teacher_cache import CACHE_COLUMNS
-        cached = {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
-        if self.teacher is None and args.kd_weight > 0 and not cached:
-            raise ValueError("training from a teacher cache, but the batch has no teacher_topk_* columns: use the "
-                             "cache as train_dataset (or keep its columns)")
-        need_teacher = self.teacher is not None and (args.kd_weight > 0 or need_hidden)
-        teacher_out = self._teacher_outputs(inputs, need_hidden) if need_teacher else None
-        kwargs = {"output_hidden_states": True} if need_hidden else {}
-        if getattr(base_model_of(model).config, "use_cache", None) is not None:
-            kwargs["use_cache"] = False
-        from .losses.fused import fused_student_pass
+        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else \
+            self._counts([inputs], self.accelerator.device)
+        step, total = self.state.global_step, max(self.state.max_steps, 1)
+        weights = {s.name: w for s in self.signals if (w := s.weight.value(step, total)) > 0}
+        active = [s for s in self.signals if s.name in weights]
+        labels, cache = inputs.get("labels"), {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
+        self._check_batch(active, labels, cache)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        fused = self.kd_impl == "fused"
-        sums = None
-        if fused:  # no [tokens, vocab] logits: task and kd sums from the last hidden states, chunk by chunk
-            outputs, sums = fused_student_pass(model, model_inputs, self.teacher, teacher_out, labels, masks["kd"],
-                                               args, counts, self.kd_vocab, **kwargs)
-        else:
-            outputs = model(**model_inputs, **kwargs)
-            if self.kd_impl == "chunked" and self.task in (CAUSAL_LM, MASKED_LM):
-                sums = self._chunked_sums(outputs.logits, teacher_out, cached, labels, masks["kd"], counts)
-
-        parts = {}
-        if args.alpha_task > 0:
-            task_sum = sums["task"] if sums else task_loss_sum(outputs.logits, labels, self.task,
-                                                               base_model_of(model).config)
-            parts["task"] = task_sum / counts["task"]
-        if args.kd_weight > 0:
-            if sums:
-                kd_sum = sums["kd"]
-            elif cached:
-                from .teacher_cache import cached_kl_sum
-                kd_sum = cached_kl_sum(outputs.logits, cached, masks["kd"], self.task, args.temperature)
-            else:
-                kd_sum = self._logit_loss_sum(outputs.logits, teacher_out.logits, masks["kd"])
-            parts["kd"] = kd_sum / counts["kd"]
-        if need_hidden and args.relation_weight > 0:
-            parts["relation"] = self._relation_loss(outputs.hidden_states, teacher_out.hidden_states,
-                                                    masks["hidden"]) / counts["batches"]
-        if self.use_hidden:
-            parts["hidden"] = self._hidden_loss_sum(outputs.hidden_states, teacher_out.hidden_states,
-                                                    masks["hidden"]) / counts["hidden"]
-        weights = {"task": args.alpha_task, "kd": args.kd_weight, "hidden": args.hidden_weight,
-                   "relation": args.relation_weight}
-        loss = sum(weights[k] * v for k, v in parts.items()) * counts["scale"]
+        ctx = Context(self.task, model_inputs, labels, position_masks(inputs, self.task, self.args.kd_positions),
+                      None, None, step, total, {"cache": cache})
+        ctx.teacher, ctx.student = self._passes(model, model_inputs, labels, active, bool(cache))
+        loss, sums = self._logit_terms(ctx, active, weights, counts)
+        parts = {name: s / counts[self._signal(name).normalizer] for name, s in sums.items()}
+        for s in active:
+            if not s.logit:
+                parts[s.name] = s.loss_sum(ctx) / counts[s.normalizer]
+                loss = loss + weights[s.name] * parts[s.name]
+        if not torch.is_tensor(loss):  # every weight is 0 at this step: a zero still connected to the graph
+            loss = reliability.connected_zero(model)
+        loss = loss * counts["scale"]
         if not torch.isfinite(loss):  # cheap check on the total; the culprit is looked for only now
-            loss, parts = reliability.handle_nonfinite(self, model, loss, parts, outputs, teacher_out)
+            loss, parts = reliability.handle_nonfinite(self, model, loss, parts, ctx.student, ctx.teacher)
         self._record(parts, counts["scale"], model.training)
+        outputs = ctx.student.outputs
         if return_outputs and getattr(outputs, "hidden_states", None) is not None:
             outputs.hidden_states = None  # keep evaluation from gathering them
         return (loss, outputs) if return_outputs else loss
 
-    def _chunked_sums(self, logits, teacher_out, cached, labels, kd_mask, counts) -> dict:
-        """Task CE and KD sums of a language model in one chunked pass over its logits (hf_kd.losses.kd_ce)."""
-        from .losses.kd_ce import chunked_kd_ce_sums
-        from .teacher_cache import CACHE_COLUMNS
-        args = self.args
-        use_kd, use_ce = args.kd_weight > 0, args.alpha_task > 0
-        if self.task == CAUSAL_LM:  # position i predicts token i+1: drop the last position, shift the labels
-            kd_mask = torch.cat([kd_mask, torch.zeros_like(kd_mask[:, :1])], dim=1)
-            labels = None if labels is None else torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
-        n = kd_mask.numel()
-        teacher = teacher_out.logits.reshape(n, -1) if use_kd and teacher_out is not None else None
-        topk = tuple(cached[c].reshape(n, -1).squeeze(-1) if c == CACHE_COLUMNS[2] else cached[c].reshape(n, -1)
-                     for c in CACHE_COLUMNS) if use_kd and cached else None
-        kd, ce = chunked_kd_ce_sums(
-            logits.reshape(n, -1), teacher, teacher_topk=topk, labels=labels.reshape(-1) if use_ce else None,
-            mask=kd_mask.reshape(-1), kind=args.kd_loss, beta=args.jsd_beta, temperature=args.temperature,
-            chunk_size=args.kd_chunk_size, vocab_limit=self.kd_vocab,
-            kd_coef=args.kd_weight / float(counts["kd"]), ce_coef=args.alpha_task / float(counts["task"]))
-        return {"kd": kd, "task": ce}
+    def _signal(self, name: str) -> Signal:
+        return next(s for s in self.signals if s.name == name)
 
-    def _logit_loss_sum(self, student_logits, teacher_logits, mask):
-        from .losses.chunked import CHUNKED_LOGIT_LOSSES
-        extra = {"beta": self.args.jsd_beta} if self.args.kd_loss == "jsd" else {}
-        if self.kd_impl == "chunked":  # classifiers asked for it explicitly (LMs take _chunked_sums)
-            return CHUNKED_LOGIT_LOSSES[self.args.kd_loss](
-                student_logits, teacher_logits, temperature=self.args.temperature, mask=mask, reduction="sum",
-                chunk_size=self.args.kd_chunk_size, vocab_limit=self.kd_vocab, **extra)
-        if self.task == CAUSAL_LM:  # logits at i predict token i+1, for both models
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-        if self.kd_vocab is not None:
-            student_logits, teacher_logits = student_logits[..., :self.kd_vocab], teacher_logits[..., :self.kd_vocab]
-        fn = LOGIT_LOSSES[self.args.kd_loss]
-        return fn(student_logits, teacher_logits, temperature=self.args.temperature, mask=mask,
-                  reduction="sum", **extra)
+    def _check_batch(self, active: list, labels, cache: dict) -> None:
+        if labels is None and any(s.teacher_free or s.needs("student").input_grad for s in active):
+            raise ValueError("the task loss (alpha_task > 0) needs 'labels' in the batch: use a collator that makes "
+                             "labels (e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
+        if self.teacher is None and not cache and any(not s.teacher_free for s in active):
+            raise ValueError("training from a teacher cache, but the batch has no teacher_topk_* columns: use the "
+                             "cache as train_dataset (or keep its columns)")
 
-    def _relation_loss(self, student_states, teacher_states, mask):
-        """Similarity-preserving KD of this micro-batch, averaged over the layer-map pairs."""
-        from .losses.relational import pooled, similarity_preserving
-        mask = mask if mask.dim() == 2 else None  # images: every patch counts
-        return sum(similarity_preserving(pooled(student_states[s], mask), pooled(teacher_states[t], mask))
-                   for t, s in self.layer_pairs) / len(self.layer_pairs)
+    def _passes(self, model, inputs: dict, labels, active: list, cached: bool):
+        """One teacher pass and one student pass, each keeping what the active signals need."""
+        kd = any(s.logit and not s.teacher_free for s in active)
+        task = any(s.logit and s.teacher_free for s in active)
+        t_needs = logit_needs(self.kd_impl, "teacher", kd and not cached, task)
+        s_needs = logit_needs(self.kd_impl, "student", kd, task)
+        for s in active:
+            if not s.logit:
+                t_needs, s_needs = t_needs | s.needs("teacher"), s_needs | s.needs("student")
+        fused = self.kd_impl == "fused"
+        teacher = None
+        if self.teacher is not None and t_needs.any():
+            teacher = capture.run(self.teacher, inputs, t_needs, self.task, teacher=True, fused=fused, labels=labels)
+        student = capture.run(model, inputs, s_needs, self.task, teacher=False, fused=fused, labels=labels)
+        return teacher, student
 
-    def _hidden_loss_sum(self, student_states, teacher_states, mask):
-        fn = HIDDEN_LOSSES[self.args.hidden_loss]
-        total = 0.0
-        for proj, (t, s) in zip(self.projections, self.layer_pairs):
-            h_s, h_t = proj(student_states[s]), teacher_states[t]
-            if h_s.dim() != 3 or h_s.shape != h_t.shape:
-                raise ValueError(f"hidden states {t}:{s} have shapes {tuple(h_t.shape)} (teacher) and "
-                                 f"{tuple(h_s.shape)} (student): hidden losses need [batch, tokens, width] "
-                                 "states with the same number of tokens")
-            if mask.dim() == 1:  # images: one count per example, mean over patches
-                total = total + (fn(h_s, h_t, reduction="none").mean(-1) * mask).sum()
-            else:
-                total = total + fn(h_s, h_t, mask=mask, reduction="sum")
-        return total / len(self.layer_pairs)
+    def _logit_terms(self, ctx: Context, active: list, weights: dict, counts: dict):
+        terms = {}
+        for s in active:
+            if s.logit:
+                terms["task" if s.teacher_free else "kd"] = (s, weights[s.name] / counts[s.normalizer])
+        if not terms:
+            return 0.0, {}
+        return self.engine(ctx, terms.get("task"), terms.get("kd"))
 
-    # ---- logging -----------------------------------------------------------------------------------
+    # ---- logging -----------------------------------------------------------------------------------------------
     def _record(self, parts: dict, scale: int, training: bool) -> None:
         mode = "train" if training else "eval"
         for name, value in parts.items():
@@ -290,24 +236,27 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self._stats[mode].clear()
         self._batches[mode] = 0
         self._log_skipped(logs, mode)
-        if mode == "train" and self.schedule is not None:
-            last = max(self.state.global_step - 1, 0)  # the values the last step trained with
-            logs.update({k: round(v, 6) for k, v in self.schedule.values(self.args, last, self.state.max_steps).items()})
+        if mode == "train":
+            logs.update(self._scheduled_values(max(self.state.global_step - 1, 0)))  # what the last step used
         super().log(logs, start_time)
 
-    # ---- projections: trained with the student, saved with checkpoints, never in the student --------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        params = [p for p in self.projections.parameters() if p.requires_grad]
-        if params:
-            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
-        return optimizer
+    def _scheduled_values(self, step: int) -> dict:
+        total, out = max(self.state.max_steps, 1), {}
+        for s in self.signals:
+            if s.weight.varies:
+                out[WEIGHT_FIELDS.get(s.name, f"{s.name}_weight")] = round(s.weight.value(step, total), 6)
+            temperature = getattr(s, "temperature", None)
+            if temperature is not None and temperature.varies:
+                out["temperature" if s.name == "kd" else f"{s.name}_temperature"] = round(
+                    temperature.value(step, total), 6)
+        return out
 
+    # ---- the signals' trainable parts: averaged across processes, checkpointed ----------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._begin_micro_batch(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.num_processes > 1:  # DDP does not see the projections: average their grads
-            for p in self.projections.parameters():
+        if self.accelerator.num_processes > 1:  # DDP ignores the signals' parameters: average their grads
+            for p in self.signals.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= self.accelerator.num_processes
@@ -315,13 +264,13 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save and len(list(self.projections.parameters())):
-            torch.save(self.projections.state_dict(), os.path.join(output_dir, PROJECTIONS_NAME))
+        if self.args.should_save and len(self.signals.state_dict()):
+            torch.save(self.signals.state_dict(), os.path.join(output_dir, EXTRAS_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, PROJECTIONS_NAME)):
-            state = torch.load(os.path.join(checkpoint, PROJECTIONS_NAME), map_location=self.accelerator.device)
-            self.projections.load_state_dict(state)
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, EXTRAS_FILE)):
+            state = torch.load(os.path.join(checkpoint, EXTRAS_FILE), map_location=self.accelerator.device)
+            self.signals.load_state_dict(state)
         super()._load_optimizer_and_scheduler(checkpoint)
 
     # ---- reliability: bad input, non-finite losses, interrupts, atomic saves (hf_kd/reliability.py) ---------
@@ -337,8 +286,6 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
     def _begin_micro_batch(self, inputs) -> None:
         step, index = self._micro
         self._micro = (self.state.global_step, index + 1 if step == self.state.global_step else 0)
-        if self._micro[1] == 0:  # a new optimizer step: Trainer zeroes only the model's gradients, not the
-            self.projections.zero_grad(set_to_none=True)  # projections' (they would add up across steps)
         ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
         if self._max_len is not None and torch.is_tensor(ids) and ids.shape[-1] > self._max_len:  # streamed data
             reliability.check_batch(self, inputs, f"micro-batch {self._micro[1]} of global step {step + 1}", False)

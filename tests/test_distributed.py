@@ -48,7 +48,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
             assert b == pytest.approx(list(a), rel=2e-5, abs=1e-6), name
     out = tmp_path / "ddp" / "4x1"
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]  # nothing staged left behind
-    for name in ("rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "hf_kd_projections.pt", "model.safetensors"):
+    for name in ("rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "hf_kd_extras.pt", "model.safetensors"):
         assert (out / "checkpoint-4" / name).is_file(), name
 
 

@@ -16,7 +16,7 @@ from hf_kd import DistillationTrainer
 from .scripts.tiny import args, one_thread, pair, rows  # noqa: F401  (one_thread: autouse fixture)
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                    "trainer_state.json", "hf_kd_projections.pt")
+                    "trainer_state.json", "hf_kd_extras.pt")
 
 
 def make(tmp_path, teacher=None, student=None, **kw):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from hf_kd.config import DistillationConfig
-from hf_kd.losses import LOGIT_LOSSES, chunked_logit_loss, fused_cross_entropy, fused_kd_ce_sums, fused_kd_loss
+from hf_kd.losses import LOGIT_LOSSES, chunked_logit_loss, fused_cross_entropy, fused_kd_ce, fused_kd_loss
 from hf_kd.trainer import DistillationTrainer
 
 @pytest.fixture(autouse=True, scope="module")
@@ -157,21 +157,21 @@ def test_fused_kd_matches_reference(kind, beta):
 
 @pytest.mark.parametrize("coefs", [(0.3, 0.7), (1.0, 1.0), (1.0, 0.0)])
 def test_fused_kd_and_ce_sums(coefs):
-    """One pass gives both sums; gradients are exact whether or not backward sees the announced proportion."""
+    """One pass gives the weighted loss kd_coef * KD + ce_coef * CE, and its gradients are exact."""
     x = head_inputs(v=45, vt=52, seed=3)  # teacher head has padding rows: compare the first 40 entries only
     labels = torch.randint(0, 45, (23,), generator=torch.Generator().manual_seed(2))
     labels[::4] = -100
     mask = labels != -100
     mask[1] = False
     kw = dict(temperature=2.0, mask=mask)
-    ref, ref_g = grad_of(lambda h, w, b: (lambda kd, ce: 0.3 * kd + 0.7 * ce)(
+    ref, ref_g = grad_of(lambda h, w, b: (lambda kd, ce: coefs[0] * kd + coefs[1] * ce)(
         *reference_sums(h, w, b, x, "reverse_kl", 0.5, labels=labels, vocab=40, **kw)), x["hs"], x["ws"], x["bs"])
 
     def fused(h, w, b):
-        kd, ce = fused_kd_ce_sums(h, w, x["ht"], x["wt"], labels=labels, kind="reverse_kl", chunk_size=5,
-                                  vocab_limit=40, student_head_bias=b, teacher_head_bias=x["bt"], kd_coef=coefs[0],
-                                  ce_coef=coefs[1], **kw)
-        return 0.3 * kd + 0.7 * ce
+        loss, _, _ = fused_kd_ce(h, w, x["ht"], x["wt"], labels=labels, kind="reverse_kl", chunk_size=5,
+                                 vocab_limit=40, student_head_bias=b, teacher_head_bias=x["bt"], kd_coef=coefs[0],
+                                 ce_coef=coefs[1], **kw)
+        return loss
     out, g = grad_of(fused, x["hs"], x["ws"], x["bs"])
     assert_close(out, ref)
     for a, b in zip(g, ref_g):
@@ -204,16 +204,16 @@ def test_fused_extreme_inputs(kind, beta):
     kept_labels = torch.where(labels >= 0, (torch.cumsum(keep.long(), 0) - 1)[labels.clamp(min=0)], -100)
     ref, ref_g = grad_of(lambda h, w, b: sum(reference_sums(h, w, b, kept, kind, beta, labels=kept_labels, **kw)),
                          kept["hs"], kept["ws"][keep], kept["bs"][keep])
-    out, g = grad_of(lambda h, w, b: sum(fused_kd_ce_sums(h, w, x["ht"], x["wt"], labels=labels, kind=kind, beta=beta,
-                                                          chunk_size=4, student_head_bias=b, teacher_head_bias=x["bt"],
-                                                          **kw)), x["hs"], x["ws"], x["bs"])
+    out, g = grad_of(lambda h, w, b: fused_kd_ce(h, w, x["ht"], x["wt"], labels=labels, kind=kind, beta=beta,
+                                                 chunk_size=4, student_head_bias=b, teacher_head_bias=x["bt"],
+                                                 **kw)[0], x["hs"], x["ws"], x["bs"])
     assert_close(out.double(), ref, rtol=1e-4)
     for actual, expected in zip((g[0], g[1][keep], g[2][keep]), ref_g):
         assert_close(actual.double(), expected, rtol=1e-4)
     assert (g[1][banned] == 0).all() and (g[2][banned] == 0).all() and (g[0][:8] == 0).all()
     none = torch.zeros(14, dtype=torch.bool)
-    out, g = grad_of(lambda h, w: sum(fused_kd_ce_sums(h, w, x["ht"], x["wt"], labels=torch.full((14,), -100),
-                                                       mask=none, kind=kind, beta=beta)), x["hs"], x["ws"])
+    out, g = grad_of(lambda h, w: fused_kd_ce(h, w, x["ht"], x["wt"], labels=torch.full((14,), -100),
+                                              mask=none, kind=kind, beta=beta)[0], x["hs"], x["ws"])
     assert out == 0 and all((t == 0).all() for t in g)
 
 

@@ -50,7 +50,7 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(out)) == [f"checkpoint-{stopped}"]  # complete, and nothing half-written beside it
     ckpt = out / f"checkpoint-{stopped}"
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
-                 "hf_kd_projections.pt"):
+                 "hf_kd_extras.pt"):
         assert (ckpt / name).is_file(), name
     assert json.load(open(ckpt / "trainer_state.json"))["global_step"] == stopped
 

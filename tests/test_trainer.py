@@ -87,7 +87,7 @@ def test_causal_lm_distils_and_reloads_in_pipeline(arch, tmp_path, tiny_tokenize
     student = make_student(teacher, num_layers=2, strategy="distilbert")
     trainer = run(teacher, student, tmp_path, tiny_tokenizer, mlm=False, hidden_weight=1.0)
     trainer.save_model(str(tmp_path / "student"))
-    assert not (tmp_path / "student" / "hf_kd_projections.pt").exists()
+    assert not (tmp_path / "student" / "hf_kd_extras.pt").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "student"))
     assert reloaded.config.hf_kd_teacher_layers == [0, 3]
     gen = pipeline("text-generation", model=str(tmp_path / "student"), device="cpu")
@@ -201,6 +201,9 @@ def test_projection_is_trained_and_checkpointed_not_in_student(tmp_path, tiny_to
     trainer.train()
     assert not torch.equal(before, trainer.projections[1].weight)
     ckpt = tmp_path / "out" / "checkpoint-3"
-    assert (ckpt / "hf_kd_projections.pt").exists()
+    assert (ckpt / "hf_kd_extras.pt").exists()
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:  # the signals' parts never enter the student file
+        assert f.keys() and not any("hf_kd_signals" in k for k in f.keys())
     saved = AutoModelForCausalLM.from_pretrained(str(ckpt))
     assert not any("projection" in k for k in saved.state_dict())

@@ -2,8 +2,8 @@
 
 from .chunked import (CHUNKED_LOGIT_LOSSES, chunked_forward_kl, chunked_generalized_jsd, chunked_logit_loss,
                       chunked_logit_mse, chunked_reverse_kl)
-from .fused import fused_cross_entropy, fused_kd_ce_sums, fused_kd_loss
-from .kd_ce import chunked_kd_ce_sums
+from .fused import fused_cross_entropy, fused_kd_ce, fused_kd_loss
+from .kd_ce import chunked_kd_ce
 from .features import attention_probs_loss, attention_transfer, hint_loss, match_spatial, spatial_attention_map
 from .gradients import great_discriminator_loss, great_generator_loss, input_gradient_matching
 from .hidden import hidden_cosine, hidden_mse
@@ -25,7 +25,7 @@ __all__ = [
     "forward_kl", "reverse_kl", "generalized_jsd", "logit_mse", "hidden_cosine", "hidden_mse", "reduce",
     "LOGIT_LOSSES", "HIDDEN_LOSSES",
     "chunked_logit_loss", "chunked_forward_kl", "chunked_reverse_kl", "chunked_generalized_jsd", "chunked_logit_mse",
-    "CHUNKED_LOGIT_LOSSES", "chunked_kd_ce_sums", "pooled", "similarity_preserving", "fused_kd_loss", "fused_kd_ce_sums", "fused_cross_entropy",
+    "CHUNKED_LOGIT_LOSSES", "chunked_kd_ce", "pooled", "similarity_preserving", "fused_kd_loss", "fused_kd_ce", "fused_cross_entropy",
 ]
 __all__ += ["hint_loss", "spatial_attention_map", "match_spatial", "attention_transfer", "attention_probs_loss",
             "input_gradient_matching", "great_discriminator_loss", "great_generator_loss"]

@@ -12,25 +12,19 @@ so no [N, V] tensor ever exists, in the forward or the backward pass. Only dL/dh
 [V, D_S] (and dL/db_S) are kept until backward, in the inputs' dtypes.
 
 Both sums come from one pass. Their gradients are stored as one combination kd_coef * dKD + ce_coef * dCE
-(the caller's loss weights, known before the forward pass); if backward receives gradients in another
-proportion, the pass is recomputed with the right weights, so the result is exact either way. The teacher
-side is a constant (no gradient).
+(the caller's loss weights over their counts, known before the forward pass), and the function returns that
+weighted loss itself, plus the two sums detached for logging. The teacher side is a constant (no gradient).
+The model glue (finding the heads, running a model without its logits) is in :mod:`hf_kd.capture`.
 """
 
 from __future__ import annotations
 
-import inspect
-import warnings
-import weakref
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..signals import CAUSAL_LM, CLASSIFICATION, base_model_of
 from .chunked import check_kind, resolve_chunk_size
-from .kd_ce import Options, chunk_kd_ce, common_scale
+from .kd_ce import Options, chunk_kd_ce
 
 Tensor = torch.Tensor
 # Automatic fused chunks are not sized by bytes like the logits path's: every chunk adds G^T h into the head's
@@ -99,24 +93,19 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, mask, opts: Options):
         t = dict(zip(_NAMES, (hs, ws, bs, ht, wt, bt, labels, mask)))
-        need = tuple(ctx.needs_input_grad[:3])
-        kd, ce, grads = _fused_pass(t, opts, (opts.kd_coef, opts.ce_coef), need)
-        ctx.grads, ctx.opts, ctx.need = grads, opts, need
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, mask)  # only read if backward must recompute
-        return kd, ce
+        kd, ce, ctx.grads = _fused_pass(t, opts, (opts.kd_coef, opts.ce_coef), tuple(ctx.needs_input_grad[:3]))
+        loss = opts.kd_coef * kd + opts.ce_coef * ce
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_kd, grad_ce):
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grads, ctx.grads = ctx.grads, None
-        t = dict(zip(_NAMES, ctx.saved_tensors))
-        o = ctx.opts
-        active = (t["ht"] is not None, t["labels"] is not None)
-        s = common_scale((grad_kd, grad_ce), (o.kd_coef, o.ce_coef), active)
-        if s is None or grads is None:  # not the proportion assumed in forward (or a second backward)
-            _, _, grads = _fused_pass(t, o, (float(grad_kd), float(grad_ce)), ctx.need)
-            s = 1.0
-        out = tuple(grads[k].mul_(s) if grads[k] is not None else None for k in ("hs", "ws", "bs"))
+        if grads is None:
+            raise RuntimeError("fused KD+CE loss: backward called twice (the gradient buffers are used once)")
+        out = tuple(grads[k].mul_(grad_loss.to(grads[k].dtype)) if grads[k] is not None else None
+                    for k in ("hs", "ws", "bs"))
         return out + (None,) * 6
 
 
@@ -137,20 +126,20 @@ def _check_inputs(hs, ws, bs, ht, wt, bt, labels, mask, vocab_limit) -> None:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [{n}]")
 
 
-def fused_kd_ce_sums(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor | None = None,
-                     teacher_head_weight: Tensor | None = None, *, labels: Tensor | None = None,
-                     mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
-                     temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
-                     student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None,
-                     kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(KD sum, CE sum) over hidden states [N, D] and LM heads [V, D], without [N, V] logits.
+def fused_kd_ce(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor | None = None,
+                teacher_head_weight: Tensor | None = None, *, labels: Tensor | None = None,
+                mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
+                temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
+                student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None,
+                kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, KD sum, CE sum) over hidden states [N, D] and LM heads [V, D], without [N, V] logits:
+    ``loss = kd_coef * KD + ce_coef * CE`` is differentiable, the two sums are detached (for logging).
 
     KD (when ``teacher_hidden`` is given): sum over positions with ``mask`` True (all if None) of the
     ``kind`` loss (forward_kl, reverse_kl, jsd with ``beta``, mse) between z_S[:, :vocab_limit] and
     z_T[:, :vocab_limit] at ``temperature`` (times T^2), as the reference functions with reduction="sum".
     CE (when ``labels`` [N] is given): sum over labels != -100 of cross_entropy(z_S, label) over the full
-    student vocabulary (no temperature). A missing part is returned as 0. ``kd_coef`` / ``ce_coef``: the
-    weights the caller's loss gives the two sums (any common factor is free), used to store one gradient.
+    student vocabulary (no temperature). A missing part is returned as 0.
     """
     check_kind(kind, beta)
     chunk_size = resolve_chunk_size(chunk_size or FUSED_CHUNK_ROWS, student_head_weight.shape[0])
@@ -177,10 +166,10 @@ def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_h
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    kd, _ = fused_kd_ce_sums(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask=mask,
-                             kind=kind, beta=beta, temperature=temperature, chunk_size=chunk_size,
-                             vocab_limit=vocab_limit, student_head_bias=student_head_bias,
-                             teacher_head_bias=teacher_head_bias, ce_coef=0.0)
+    kd, _, _ = fused_kd_ce(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask=mask,
+                           kind=kind, beta=beta, temperature=temperature, chunk_size=chunk_size,
+                           vocab_limit=vocab_limit, student_head_bias=student_head_bias,
+                           teacher_head_bias=teacher_head_bias, ce_coef=0.0)
     if reduction == "mean":
         count = student_hidden.shape[0] if mask is None else int(mask.sum())
         kd = kd / max(count, 1)
@@ -190,140 +179,10 @@ def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_h
 def fused_cross_entropy(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, head_bias: Tensor | None = None,
                         chunk_size: int | None = None, reduction: str = "sum") -> Tensor:
     """cross_entropy(h W^T + b, labels, ignore_index=-100) without the [N, V] logits ("sum" or "mean")."""
-    _, ce = fused_kd_ce_sums(hidden, head_weight, labels=labels, student_head_bias=head_bias,
-                             chunk_size=chunk_size, kd_coef=0.0)
+    ce, _, _ = fused_kd_ce(hidden, head_weight, labels=labels, student_head_bias=head_bias,
+                           chunk_size=chunk_size, kd_coef=0.0)
     if reduction == "mean":
         ce = ce / max(int((labels != -100).sum()), 1)
     elif reduction != "sum":
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     return ce
-
-
-# ---- Hugging Face causal LMs: last hidden states and heads ------------------------------------------------
-
-_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def lm_head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """(weight [V, D], bias or None) of a causal LM's output layer, which must be a plain nn.Linear."""
-    head = base_model_of(model).get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise ValueError(f"kd_impl='fused' needs the LM head to be a plain nn.Linear, {type(model).__name__} has "
-                         f"{type(head).__name__} (e.g. a PEFT-wrapped head): use kd_impl='chunked'")
-    return head.weight, head.bias
-
-
-def _check_logits_from_hidden(core: nn.Module, inputs: dict) -> None:
-    """Once per model: logits == head(last_hidden_state) on a few tokens (no softcap / logit scaling...)."""
-    if core in _CHECKED or inputs.get("input_ids") is None:
-        return
-    small = {k: inputs[k][:1, :8] for k in ("input_ids", "attention_mask") if inputs.get(k) is not None}
-    extra = {"use_cache": False} if getattr(core.config, "use_cache", None) is not None else {}
-    weight, bias = lm_head_of(core)
-    training = core.training
-    core.eval()
-    try:
-        with torch.no_grad():
-            reference = core(**small, **extra).logits.float()
-            mine = F.linear(core.base_model(**small, **extra)[0], weight, bias).float()
-    finally:
-        core.train(training)
-    # 3% of the largest logit: loose enough for bf16 weights or a forward that accelerate runs under autocast
-    # (the base model is then called outside it), tight enough to catch soft-capping and logit scales
-    tol = 3e-2
-    if mine.shape != reference.shape or not torch.allclose(mine, reference, rtol=tol,
-                                                           atol=tol * float(reference.abs().max()) + 1e-6):
-        raise ValueError(f"{type(core).__name__} does not compute logits as lm_head(base_model(...).last_hidden_state)"
-                         " (logit soft-capping or scaling?): kd_impl='fused' would be wrong; use 'chunked'")
-    _CHECKED[core] = True
-
-
-def resolve_kd_impl(kd_impl: str, task: str) -> str:
-    """'full', 'chunked' or 'fused' for DistillationConfig.kd_impl: 'auto' = chunked except for classifiers."""
-    if kd_impl == "auto":
-        return "full" if task == CLASSIFICATION else "chunked"
-    if kd_impl == "fused" and task != CAUSAL_LM:
-        raise ValueError(f"kd_impl='fused' computes logits from a causal LM's last hidden states; this is a {task} "
-                         "model: use kd_impl='chunked' or 'auto'")
-    if kd_impl not in ("full", "chunked", "fused"):
-        raise ValueError(f"kd_impl must be 'auto', 'full', 'chunked' or 'fused', got {kd_impl!r}")
-    return kd_impl
-
-
-def forward_hidden(model: nn.Module, inputs: dict, check: bool = True, **kwargs):
-    """Run a causal LM (through any DDP / PEFT wrapper) without computing logits.
-
-    Returns (outputs, last_hidden [B, T, D]): outputs as ``model(**inputs, **kwargs)`` would give them but
-    with logits for no position (``logits_to_keep`` = no index), and the LM head's input captured by a
-    hook on the base model (``model.base_model``, e.g. ``LlamaModel``, whose output is already final-normed).
-    ``check``: verify once per model that its logits are lm_head(last hidden state).
-    """
-    core = base_model_of(model)
-    body = core.base_model
-    if body is core or core.get_output_embeddings() is None:
-        raise ValueError("kd_impl='fused' needs a causal LM with a base model and an LM head; "
-                         f"got {type(core).__name__}")
-    if check:
-        _check_logits_from_hidden(core, inputs)
-    captured = []
-    handle = body.register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
-    try:
-        if "logits_to_keep" in inspect.signature(core.forward).parameters:
-            device = next(iter(v for v in inputs.values() if isinstance(v, Tensor))).device
-            outputs = model(**inputs, **kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
-        else:
-            warnings.warn(f"{type(core).__name__}.forward has no logits_to_keep: its full logits are still "
-                          "computed (then dropped)", stacklevel=2)
-            outputs = model(**inputs, **kwargs)
-            outputs.logits = None
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError(f"{type(core).__name__}.forward did not call its base model {type(body).__name__}: "
-                         "kd_impl='fused' cannot find the LM head's input; use 'chunked'")
-    return outputs, captured[-1]
-
-
-def _append_false(mask: Tensor, value) -> Tensor:
-    return torch.cat([mask, torch.full_like(mask[:, :1], value)], dim=1)
-
-
-def fused_lm_sums(student: nn.Module, student_hidden: Tensor, teacher: nn.Module | None,
-                  teacher_hidden: Tensor | None, labels: Tensor | None, kd_mask: Tensor, *, kind: str,
-                  beta: float, temperature: float, chunk_size: int, vocab_limit: int | None = None,
-                  kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(KD sum, task CE sum) of causal LMs from last hidden states [B, T, D], without logits.
-
-    Position i predicts token i+1: ``kd_mask`` is [B, T-1] (as from position_masks) and labels are shifted
-    left, so these equal the reference KD on logits[:, :-1] and ``task_loss_sum``. KD is skipped when
-    ``teacher_hidden`` is None, CE when ``labels`` is None (returned as 0).
-    """
-    b, t, _ = student_hidden.shape
-    mask = _append_false(kd_mask.to(student_hidden.device, torch.bool), False).reshape(-1)
-    shifted = None if labels is None else _append_false(labels[:, 1:].to(student_hidden.device), -100).reshape(-1)
-    ws, bs = lm_head_of(student)
-    wt = bt = ht = None
-    if teacher_hidden is not None:
-        wt, bt = lm_head_of(teacher)
-        ht = teacher_hidden.reshape(b * t, -1)
-    return fused_kd_ce_sums(student_hidden.reshape(b * t, -1), ws, ht, wt, labels=shifted, mask=mask, kind=kind,
-                            beta=beta, temperature=temperature, chunk_size=chunk_size, vocab_limit=vocab_limit,
-                            student_head_bias=bs, teacher_head_bias=bt, kd_coef=kd_coef, ce_coef=ce_coef)
-
-
-def fused_student_pass(model: nn.Module, inputs: dict, teacher: nn.Module | None, teacher_out, labels: Tensor | None,
-                       kd_mask: Tensor, args, counts: dict, kd_vocab: int | None = None, **kwargs):
-    """DistillationTrainer's fused path: (student outputs without logits, {"task": CE sum, "kd": KD sum}).
-
-    ``teacher_out`` must carry ``last_hidden_state`` (from :func:`forward_hidden`) when ``args.kd_weight``
-    > 0. The stored gradient combination is the trainer's: kd_weight / count_kd and alpha_task / count_task.
-    """
-    outputs, hidden = forward_hidden(model, inputs, **kwargs)
-    use_kd, use_ce = args.kd_weight > 0, args.alpha_task > 0
-    kd, ce = fused_lm_sums(model, hidden, teacher if use_kd else None,
-                           teacher_out.last_hidden_state if use_kd else None, labels if use_ce else None, kd_mask,
-                           kind=args.kd_loss, beta=args.jsd_beta, temperature=args.temperature,
-                           chunk_size=args.kd_chunk_size, vocab_limit=kd_vocab,
-                           kd_coef=args.kd_weight / float(counts["kd"]),
-                           ce_coef=args.alpha_task / float(counts["task"]))
-    return outputs, {"kd": kd, "task": ce}

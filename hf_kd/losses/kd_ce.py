@@ -7,10 +7,10 @@ positions ``chunk_size`` rows at a time (default: chunks of 8 MiB, see ``resolve
 
     G = kd_coef * dKD/dz_S + ce_coef * dCE/dz_S          (dCE/dz_S = softmax(z_S) - onehot(y))
 
-straight into one buffer in the logits' dtype (the caller's loss weights, known before the forward pass,
-are the coefficients). Backward scales that buffer by the common factor of the incoming gradients; if they
-are not in the assumed proportion it raises (recomputing would need the logits kept alive until backward,
-the memory this path exists to save). The fused path (:mod:`hf_kd.losses.fused`) shares the per-chunk math.
+straight into one buffer in the logits' dtype. The coefficients (the caller's loss weights over their counts)
+are known before the forward pass, so the function returns the weighted loss itself, kd_coef * KD + ce_coef * CE,
+whose backward scales that buffer by the incoming gradient, plus the two sums detached for logging: there is no
+later combination to get wrong. The fused path (:mod:`hf_kd.losses.fused`) shares the per-chunk math.
 
 The teacher is either dense logits [N, V_T] (any ``kind`` of :mod:`hf_kd.losses.chunked`) or an offline
 top-k cache (ids [N, k], log-probabilities [N, k] at T, log tail mass [N]; forward KL with the tail as one
@@ -27,7 +27,6 @@ distribution is ever needed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -124,15 +123,10 @@ def chunk_kd_ce(zs: Tensor, teacher, labels: Tensor | None, kd_counted: Tensor |
     return kd_sum, ce_sum, grad
 
 
-def common_scale(grad_outputs, coefs, active) -> float | None:
-    """s with grad_outputs == s * coefs on the active outputs, or None when they are not proportional."""
-    pairs = [(float(g), c) for g, c, on in zip(grad_outputs, coefs, active) if on]
-    ref = next(((g, c) for g, c in pairs if c != 0), None)
-    s = ref[0] / ref[1] if ref else 0.0
-    return s if all(math.isclose(g, s * c, rel_tol=1e-6, abs_tol=0.0) for g, c in pairs) else None
-
-
 class _ChunkedKdCe(torch.autograd.Function):
+    """forward -> (loss, KD sum, CE sum): loss = kd_coef * KD + ce_coef * CE carries the stored gradient; the two
+    sums are detached values for logging."""
+
     @staticmethod
     def forward(ctx, zs_all, zt_all, ids, log_p, log_r, labels, mask, o: Options):
         n, vocab = zs_all.shape
@@ -161,36 +155,34 @@ class _ChunkedKdCe(torch.autograd.Function):
             if need and g.data_ptr() != grad[rows].data_ptr():
                 grad[rows].copy_(g)
             del zs, teacher, g
-        ctx.grad, ctx.active, ctx.o = grad, (has_kd, labels is not None), o
-        return kd_total.float(), ce_total.float()
+        ctx.grad = grad
+        kd_total, ce_total = kd_total.float(), ce_total.float()
+        loss = o.kd_coef * kd_total + o.ce_coef * ce_total
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return loss, kd_total, ce_total
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_kd, grad_ce):
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("chunked KD+CE loss: backward called twice (the gradient buffer is used once)")
-        s = common_scale((grad_kd, grad_ce), (ctx.o.kd_coef, ctx.o.ce_coef), ctx.active)
-        if s is None:
-            raise RuntimeError("chunked KD+CE loss: the two sums must enter the loss as kd_coef * kd + ce_coef * ce "
-                               f"(times any common factor) with the coefficients given ({ctx.o.kd_coef}, "
-                               f"{ctx.o.ce_coef}); compute them separately for other combinations")
-        return (grad.mul_(s),) + (None,) * 7
+        return (grad.mul_(grad_loss.to(grad.dtype)),) + (None,) * 7
 
 
-def chunked_kd_ce_sums(student_logits: Tensor, teacher_logits: Tensor | None = None, *,
-                       teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None, labels: Tensor | None = None,
-                       mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
-                       temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
-                       kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(KD sum, CE sum) over student logits [N, V], ``chunk_size`` rows at a time, with one stored gradient.
+def chunked_kd_ce(student_logits: Tensor, teacher_logits: Tensor | None = None, *,
+                  teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None, labels: Tensor | None = None,
+                  mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
+                  temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
+                  kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, KD sum, CE sum) over student logits [N, V], ``chunk_size`` rows at a time, with one stored gradient:
+    ``loss = kd_coef * KD + ce_coef * CE`` is differentiable, the two sums are detached (for logging).
 
     KD (``teacher_logits`` [N, >= vocab_limit] or ``teacher_topk`` = (ids, log-probs, log tail mass) from a
     cache): the ``kind`` loss at ``temperature`` (times T^2) summed over rows with ``mask`` [N] True (all if
     None), over the first ``vocab_limit`` entries, as the reference functions with reduction="sum"; the cache
     supports forward KL only. CE (``labels`` [N], -100 = ignored): cross_entropy(z_S, y) summed, no
-    temperature. A missing part is returned as 0. The result must enter the loss as kd_coef * KD + ce_coef * CE
-    times any common factor (backward raises otherwise).
+    temperature. A missing part is returned as 0.
     """
     check_kind(kind, beta)
     if teacher_logits is not None and teacher_topk is not None:

@@ -1,0 +1,86 @@
+"""Distillation terms as composable signals (see :mod:`hf_kd.signals.base`), and the signals a
+DistillationConfig's shorthand fields ask for."""
+
+from __future__ import annotations
+
+from ..schedules import Schedule, from_args
+from ..tasks import ENCODER
+from .attention import AttentionProbs, AttentionTransfer
+from .base import Context, Signal
+from .gradients import AdversarialGradient, InputGradient
+from .hints import Hint
+from .hidden import (HiddenStates, SimilarityPreserving, build_projections, check_layer_map, default_layer_map,
+                     layer_pairs_for)
+from .logits import LogitKD, TaskLoss
+
+# log names of the config-built signals' weights (others log "<name>_weight")
+WEIGHT_FIELDS = {"task": "alpha_task", "kd": "kd_weight", "hidden": "hidden_weight", "relation": "relation_weight"}
+
+
+def from_config(args, task: str, teacher, student) -> list[Signal]:
+    """The signals of the config's shorthand fields (alpha_task, kd_weight, hidden_weight, relation_weight, ...),
+    each with its schedule; a term whose weight is 0 throughout is not built. ``teacher`` is None when training
+    from a teacher cache."""
+    signals = []
+    alpha, kd = from_args(args, "alpha_task"), from_args(args, "kd_weight")
+    if alpha.peak > 0 and task != ENCODER:
+        signals.append(TaskLoss("task", alpha))
+    if kd.peak > 0 and task != ENCODER:
+        signals.append(LogitKD("kd", kd, kind=args.kd_loss, beta=args.jsd_beta,
+                               temperature=from_args(args, "temperature")))
+    hidden = from_args(args, "hidden_weight")
+    if (hidden.peak > 0 or args.relation_weight > 0) and teacher is not None:
+        pairs = layer_pairs_for(args.layer_pairs, teacher, student)
+        if hidden.peak > 0:
+            projections = build_projections(pairs, teacher.config, student.config, args.use_projection)
+            signals.append(HiddenStates("hidden", hidden, pairs=pairs, loss=args.hidden_loss,
+                                        projections=projections))
+        if args.relation_weight > 0:
+            signals.append(SimilarityPreserving("relation", args.relation_weight, pairs))
+    elif hidden.peak > 0 or args.relation_weight > 0:
+        raise ValueError("teacher_cache: hidden-state and relational losses need the teacher's hidden states, which "
+                         "a cache does not hold: set hidden_weight=0 (and its *_end) and relation_weight=0, or train "
+                         "with the teacher online")
+    signals += _feature_signals(args, teacher, student)
+    return _first_stage(signals, args.hint_first_stage)
+
+
+def _feature_signals(args, teacher, student) -> list[Signal]:
+    from ..config import parse_layer_map, parse_module_pairs
+    out = []
+    if args.hint_weight > 0:
+        out.append(Hint("hint", args.hint_weight, pairs=parse_module_pairs(args.hint_layers),
+                        normalize=args.hint_normalize))
+    if args.at_weight > 0:
+        out.append(AttentionTransfer("attention_transfer", args.at_weight, pairs=parse_module_pairs(args.at_layers)))
+    if args.attention_weight > 0:
+        layers = parse_layer_map(args.attention_layers, unique=False) or [
+            (t - 1, s - 1) for t, s in layer_pairs_for(args.layer_pairs, teacher, student) if t > 0 and s > 0]
+        out.append(AttentionProbs("attention", args.attention_weight, layers=layers, kind=args.attention_loss))
+    if args.input_grad_weight > 0:
+        out.append(InputGradient("input_gradient", args.input_grad_weight))
+    if args.great_weight > 0:
+        out.append(AdversarialGradient("great", args.great_weight))
+    if out and teacher is None:
+        raise ValueError(f"teacher_cache: {', '.join(s.name for s in out)} need the teacher in memory")
+    return out
+
+
+def _first_stage(signals: list[Signal], fraction: float) -> list[Signal]:
+    """FitNets' two stages: during the first ``fraction`` of training only the hints train; every other signal
+    starts (at its weight) when it ends."""
+    if fraction <= 0:
+        return signals
+    if not any(isinstance(s, Hint) for s in signals):
+        raise ValueError("hint_first_stage > 0 needs hints (hint_weight > 0 and hint_layers)")
+    for s in signals:
+        if not isinstance(s, Hint):
+            if s.weight.varies:
+                raise ValueError(f"hint_first_stage with a scheduled {s.name!r} weight: use one or the other")
+            s.weight = Schedule(0.0, s.weight.start, "step", at=fraction)
+    return signals
+
+
+__all__ = ["Context", "Signal", "TaskLoss", "LogitKD", "HiddenStates", "SimilarityPreserving", "Hint",
+           "AttentionTransfer", "AttentionProbs", "InputGradient", "AdversarialGradient", "from_config",
+           "default_layer_map", "check_layer_map", "build_projections", "layer_pairs_for", "WEIGHT_FIELDS"]

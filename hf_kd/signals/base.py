@@ -1,0 +1,80 @@
+"""The signal abstraction: one distillation term of the loss.
+
+The trainer's loss is ``sum_k w_k(step) * L_k``. A signal is one term: it declares what it needs from the teacher
+and the student (:class:`hf_kd.capture.Needs`), computes a *sum* over what it counts from one batch's
+:class:`Context` with a pure loss function of tensors, and says which global count divides that sum
+(``normalizer``: 'task', 'kd' or 'hidden' positions, 'examples' or micro-'batches'; counted over all
+gradient-accumulation micro-batches and processes, so the loss does not depend on how a batch is split). Its
+weight is a :class:`hf_kd.schedules.Schedule`. A signal is an ``nn.Module``: its trainable parts (projections,
+adapters, discriminators) are trained, clipped, synchronised and checkpointed with the student, and never saved
+into the student folder.
+
+A custom signal::
+
+    class LastTokenMSE(Signal):
+        normalizer = "examples"
+        def needs(self, side):
+            return Needs(hidden={-1})  # the last hidden state of both models
+        def loss_sum(self, ctx):
+            s, t = ctx.student.hidden[-1][:, -1], ctx.teacher.hidden[-1][:, -1]
+            return ((s - t) ** 2).mean(-1).sum()
+
+    trainer = DistillationTrainer(..., signals=[LastTokenMSE("last_token", weight=0.5)])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..align import COUNT_KEYS
+from ..capture import Captured, Needs
+from ..schedules import Schedule
+
+
+@dataclass
+class Context:
+    """Everything a signal may read for one micro-batch (read-only by convention)."""
+
+    task: str
+    inputs: dict  # the model inputs (no labels)
+    labels: torch.Tensor | None
+    masks: dict  # hf_kd.align.position_masks
+    student: Captured
+    teacher: Captured | None
+    step: int = 0
+    total_steps: int = 1
+    extra: dict = field(default_factory=dict)  # e.g. the teacher cache's columns
+
+
+class Signal(nn.Module):
+    """Base class of a distillation term; subclasses set ``normalizer`` and implement needs() and loss_sum()."""
+
+    normalizer: str = "examples"
+    logit = False  # True for the terms the logit engine computes (task cross-entropy, logit KD)
+    teacher_free = False  # True when the term reads the student alone (the task loss)
+
+    def __init__(self, name: str, weight: float | Schedule = 1.0):
+        super().__init__()
+        if self.normalizer not in COUNT_KEYS:
+            raise ValueError(f"{type(self).__name__}.normalizer {self.normalizer!r} must be one of {COUNT_KEYS}")
+        self.name = name
+        self.weight = weight if isinstance(weight, Schedule) else Schedule.constant(weight)
+        if self.weight.peak < 0:
+            raise ValueError(f"signal {name!r}: weights must be >= 0, got peak {self.weight.peak}")
+
+    def needs(self, side: str) -> Needs:
+        """What this signal reads from ``side`` ('teacher' or 'student')."""
+        return Needs()
+
+    def loss_sum(self, ctx: Context) -> torch.Tensor:
+        """The term summed over what it counts in this micro-batch (divided by the global count afterwards)."""
+        raise NotImplementedError
+
+    def check(self, teacher: nn.Module | None, student: nn.Module) -> None:
+        """Fail at construction with a message that says what to change (called once by the trainer)."""
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weight={self.weight}, normalizer={self.normalizer!r}"

@@ -1,0 +1,94 @@
+"""FitNets hints (Romero et al. 2015) on any named modules of teacher and student.
+
+For each (teacher module, student module) pair, the student's output goes through an adapter to the teacher's
+shape and is compared with ``hf_kd.losses.hint_loss``: plain MSE, or with ``normalize`` the squared distance of
+L2-normalised features (the seeds' "feature similarity"). Adapters, sized by a shape probe at construction:
+
+* token states [B, T, D]: a Linear(D_S, D_T) where widths differ;
+* feature maps [B, C, H, W]: a 1x1 Conv (C_S -> C_T) + BatchNorm where channels differ; spatial sizes are matched
+  by average-pooling the larger map (``hf_kd.losses.match_spatial``);
+* a ViT teacher and a CNN student (or the reverse): the token states (the class token dropped) are laid out on their
+  square patch grid [B, D, h, w] and treated as a feature map.
+
+Normalised by the 'hidden' count: non-padding tokens for text, examples for images (per-example means).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..capture import Needs, probe_shapes
+from ..losses import hint_loss, match_spatial
+from .base import Context, Signal
+
+
+def as_map(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] patch tokens (a class token first when T - 1 is square) -> [B, D, h, w] on the patch grid."""
+    b, t, d = tokens.shape
+    side = math.isqrt(t)
+    if side * side != t:
+        if math.isqrt(t - 1) ** 2 != t - 1:
+            raise ValueError(f"hint: cannot lay {t} tokens on a square patch grid (with or without a class token)")
+        tokens, side = tokens[:, 1:], math.isqrt(t - 1)
+    return tokens.transpose(1, 2).reshape(b, d, side, side)
+
+
+def adapter_for(s_shape: tuple, t_shape: tuple, force: bool = False) -> nn.Module:
+    """The module that takes the student's feature to the teacher's width (channels for maps)."""
+    as_maps = len(s_shape) == 4 or len(t_shape) == 4
+    c_s = s_shape[1] if len(s_shape) == 4 else s_shape[-1]
+    c_t = t_shape[1] if len(t_shape) == 4 else t_shape[-1]
+    if c_s == c_t and not force:
+        return nn.Identity()
+    if as_maps:
+        return nn.Sequential(nn.Conv2d(c_s, c_t, kernel_size=1, bias=False), nn.BatchNorm2d(c_t))
+    return nn.Linear(c_s, c_t)
+
+
+class Hint(Signal):
+    """Hints on ``pairs`` of (teacher module name, student module name), averaged over the pairs."""
+
+    normalizer = "hidden"
+
+    def __init__(self, name="hint", weight=1.0, *, pairs, normalize: bool = False, adapter: bool = False):
+        super().__init__(name, weight)
+        self.pairs = [tuple(p) for p in pairs]
+        if not self.pairs:
+            raise ValueError("hint signal: give at least one (teacher_module, student_module) pair")
+        self.normalize, self.force_adapter = normalize, adapter
+        self.adapters = nn.ModuleList()
+
+    def needs(self, side: str) -> Needs:
+        return Needs(modules={t if side == "teacher" else s for t, s in self.pairs})
+
+    def check(self, teacher, student) -> None:
+        t_shapes = probe_shapes(teacher, {t for t, _ in self.pairs})
+        s_shapes = probe_shapes(student, {s for _, s in self.pairs})
+        for t, s in self.pairs:
+            for shape, who, mod in ((t_shapes[t], "teacher", t), (s_shapes[s], "student", s)):
+                if len(shape) not in (3, 4):
+                    raise ValueError(f"hint: {who} module {mod!r} outputs shape {shape}; hints need token states "
+                                     "[B, T, D] or feature maps [B, C, H, W]")
+        if not len(self.adapters):  # built once (a resumed trainer reuses them)
+            self.adapters.extend(adapter_for(s_shapes[s], t_shapes[t], self.force_adapter) for t, s in self.pairs)
+
+    def _pair_sum(self, adapter, h_s, h_t, mask) -> torch.Tensor:
+        if h_s.dim() == 4 or h_t.dim() == 4:  # feature maps (token states of the other side laid on their grid)
+            h_s, h_t = (as_map(h) if h.dim() == 3 else h for h in (h_s, h_t))
+            h_s, h_t = match_spatial(adapter(h_s), h_t)
+            return (hint_loss(h_s, h_t, normalize=self.normalize, reduction="none") * mask).sum()  # mask: [B]
+        h_s = adapter(h_s)
+        if h_s.shape != h_t.shape:
+            raise ValueError(f"hint: student tokens {tuple(h_s.shape)} vs teacher {tuple(h_t.shape)} after the "
+                             "adapter; token hints need the same number of tokens")
+        if mask.dim() == 1:  # images with token states: per-example mean over tokens
+            return (hint_loss(h_s, h_t, normalize=self.normalize, reduction="none").mean(-1) * mask).sum()
+        return hint_loss(h_s, h_t, normalize=self.normalize, mask=mask, reduction="sum")
+
+    def loss_sum(self, ctx: Context) -> torch.Tensor:
+        mask = ctx.masks["hidden"]
+        return sum(self._pair_sum(a, ctx.student.modules[s], ctx.teacher.modules[t], mask)
+                   for a, (t, s) in zip(self.adapters, self.pairs)) / len(self.pairs)
