@@ -33,15 +33,20 @@ class Needs:
     modules: set = field(default_factory=set)  # dotted module names inside the base model
     attentions: set = field(default_factory=set)  # layer indices whose attention probabilities are kept
     input_grad: bool = False  # d(task loss)/d(input embeddings or pixels)
+    module_grads: set = field(default_factory=set)  # d(task loss)/d(output of these named modules)
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(self.logits or other.logits, self.last_hidden or other.last_hidden, self.hidden | other.hidden,
                      self.modules | other.modules, self.attentions | other.attentions,
-                     self.input_grad or other.input_grad)
+                     self.input_grad or other.input_grad, self.module_grads | other.module_grads)
+
+    @property
+    def grads(self) -> bool:
+        """Whether the pass must take gradients of the task loss (a grad-enabled pass, labels needed)."""
+        return self.input_grad or bool(self.module_grads)
 
     def any(self) -> bool:
-        return bool(self.logits or self.last_hidden or self.hidden or self.modules or self.attentions
-                    or self.input_grad)
+        return bool(self.logits or self.last_hidden or self.hidden or self.modules or self.attentions or self.grads)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Captured:
     modules: dict = field(default_factory=dict)
     attentions: dict = field(default_factory=dict)
     input_grad: Tensor | None = None
+    module_grads: dict = field(default_factory=dict)
 
 
 # ---- named modules ---------------------------------------------------------------------------------------
@@ -80,17 +86,37 @@ def _first_tensor(out):
     raise TypeError(f"cannot take a tensor from a module output of type {type(out).__name__}")
 
 
-class ModuleHooks:
-    """Forward hooks that record the (first tensor) output of named modules while active."""
+def _replace_first(out, x):
+    if isinstance(out, Tensor):
+        return x
+    if isinstance(out, tuple):
+        return (x, *out[1:])
+    out[0] = x  # a ModelOutput
+    return out
 
-    def __init__(self, model: nn.Module, names):
-        self.modules = {name: find_module(model, name) for name in sorted(names)}
-        self.out, self.handles = {}, []
+
+class ModuleHooks:
+    """Forward hooks that record the (first tensor) output of named modules while active. For the names in
+    ``leaves`` the output is replaced by a detached copy that requires grad, so the loss can be differentiated
+    w.r.t. it even in a model whose parameters are frozen (the teacher)."""
+
+    def __init__(self, model: nn.Module, names, leaves=()):
+        self.modules = {name: find_module(model, name) for name in sorted(set(names) | set(leaves))}
+        self.leaves, self.out, self.handles = set(leaves), {}, []
+
+    def _hook(self, name):
+        def hook(_module, _args, out):
+            x = _first_tensor(out)
+            if name in self.leaves:
+                x = x.detach().requires_grad_(True)
+                out = _replace_first(out, x)
+            self.out[name] = x
+            return out
+        return hook
 
     def __enter__(self):
         for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(
-                lambda _m, _a, out, name=name: self.out.__setitem__(name, _first_tensor(out))))
+            self.handles.append(module.register_forward_hook(self._hook(name)))
         return self.out
 
     def __exit__(self, *exc):
@@ -220,7 +246,7 @@ def _forward(model, inputs: dict, needs: Needs, task: str, fused: bool, check: b
         kwargs["output_attentions"] = True
     if getattr(base_model_of(model).config, "use_cache", None) is not None:
         kwargs["use_cache"] = False
-    if task == CAUSAL_LM and not needs.logits and not needs.input_grad:  # no [B, T, V] logits at all
+    if task == CAUSAL_LM and not needs.logits and not needs.grads:  # no [B, T, V] logits at all
         return forward_hidden(model, inputs, check=check, **kwargs)
     return model(**inputs, **kwargs), None
 
@@ -229,16 +255,18 @@ def run(model: nn.Module, inputs: dict, needs: Needs, task: str, *, teacher: boo
         labels: Tensor | None = None) -> Captured:
     """One forward pass of ``model`` on ``inputs`` (no labels) keeping what ``needs`` asks for.
 
-    Teacher: under inference_mode, every kept tensor copied out (they may then be saved for backward); with an
-    input gradient, a grad-enabled pass whose graph is dropped once d(task loss)/d(input) is taken.
+    Teacher: under inference_mode, every kept tensor copied out (they may then be saved for backward); with
+    gradients of the task loss (w.r.t. the input or module outputs), a grad-enabled pass whose graph is dropped once
+    they are taken. The student's gradients keep their graph (create_graph: a double backward).
     """
-    if needs.input_grad and labels is None:
-        raise ValueError("input-gradient signals take the gradient of the task loss: the batch needs labels")
+    if needs.grads and labels is None:
+        raise ValueError("gradient signals take the gradient of the task loss: the batch needs labels")
     leaf = None
     if needs.input_grad:
         inputs, leaf = _input_leaf(model, inputs, teacher)
-    grad_mode = torch.enable_grad() if (needs.input_grad or not teacher) else torch.inference_mode()
-    with grad_mode, ModuleHooks(model, needs.modules) as module_out:
+    grad_mode = torch.enable_grad() if (needs.grads or not teacher) else torch.inference_mode()
+    leaves = needs.module_grads if teacher else ()
+    with grad_mode, ModuleHooks(model, needs.modules | needs.module_grads, leaves) as module_out:
         outputs, last_hidden = _forward(model, inputs, needs, task, fused, check=fused)
     got = Captured(outputs=outputs, last_hidden=last_hidden, modules=dict(module_out))
     got.logits = getattr(outputs, "logits", None)
@@ -246,13 +274,22 @@ def run(model: nn.Module, inputs: dict, needs: Needs, task: str, *, teacher: boo
     got.hidden = {i: states[i] for i in needs.hidden} if states is not None else {}
     attentions = getattr(outputs, "attentions", None)
     got.attentions = {i: attentions[i] for i in needs.attentions} if attentions is not None else {}
-    if needs.input_grad:
-        config = base_model_of(model).config
-        loss = task_loss_sum(got.logits, labels, task, config)
-        got.input_grad = torch.autograd.grad(loss, leaf, create_graph=not teacher)[0]
+    if needs.grads:
+        _task_loss_grads(model, got, needs, task, labels, leaf, teacher)
     if teacher:
         _keep_only(got, needs)
     return got
+
+
+def _task_loss_grads(model, got: Captured, needs: Needs, task: str, labels, leaf, teacher: bool) -> None:
+    """d(task loss on the labels)/d(input) and /d(named module outputs), into ``got``."""
+    loss = task_loss_sum(got.logits, labels, task, base_model_of(model).config)
+    names = sorted(needs.module_grads)
+    wrt = ([leaf] if needs.input_grad else []) + [got.modules[n] for n in names]
+    grads = torch.autograd.grad(loss, wrt, create_graph=not teacher)
+    if needs.input_grad:
+        got.input_grad, grads = grads[0], grads[1:]
+    got.module_grads = dict(zip(names, grads))
 
 
 def _keep_only(got: Captured, needs: Needs) -> None:
@@ -264,9 +301,10 @@ def _keep_only(got: Captured, needs: Needs) -> None:
     got.logits = got.logits.detach() if needs.logits and got.logits is not None else None
     got.last_hidden = got.last_hidden.detach() if needs.last_hidden and got.last_hidden is not None else None
     got.hidden = {i: own(h) for i, h in got.hidden.items()}
-    got.modules = {k: own(v) for k, v in got.modules.items()}
+    got.modules = {k: own(v) for k, v in got.modules.items() if k in needs.modules}
     got.attentions = {i: own(a) for i, a in got.attentions.items()}
     got.input_grad = own(got.input_grad)
+    got.module_grads = {k: own(v) for k, v in got.module_grads.items()}
 
 
 def dummy_inputs(model: nn.Module) -> dict:

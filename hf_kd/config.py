@@ -118,6 +118,11 @@ class DistillationConfig(TrainingArguments):
     input_grad_weight: float = field(default=0.0, metadata={"help": "Weight of input-gradient matching (Sobolev "
                                      "training, Czarnecki et al. 2017): ||d L_T/dx - d L_S/dx||^2 w.r.t. pixels or "
                                      "token embeddings; needs labels and a backward through the teacher."})
+    feature_grad_weight: float = field(default=0.0, metadata={"help": "Weight of gradient matching at intermediate "
+                                       "features: d(task loss)/d(module output), teacher vs student, on "
+                                       "feature_grad_layers (adapters where widths differ)."})
+    feature_grad_layers: str | None = field(default=None, metadata={"help": "Feature-gradient module pairs "
+                                            "'teacher.module:student.module,...'."})
     great_weight: float = field(default=0.0, metadata={"help": "Weight of adversarial input-gradient matching "
                                 "(GREAT, Sinha et al. 2018): a discriminator on input gradients, the student trained "
                                 "to fool it."})
@@ -142,11 +147,11 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1 is plain softmax, "
                              "2-4 is usual")
         for name in ("alpha_task", "kd_weight", "hidden_weight", "relation_weight", "hint_weight",
-                     "attention_weight", "at_weight", "input_grad_weight", "great_weight"):
+                     "attention_weight", "at_weight", "input_grad_weight", "great_weight", "feature_grad_weight"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         others = ("relation_weight", "hint_weight", "attention_weight", "at_weight", "input_grad_weight",
-                  "great_weight")
+                  "great_weight", "feature_grad_weight")
         if all(getattr(self, n) == 0 for n in others) and all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
                                              for n in ("alpha_task", "kd_weight", "hidden_weight")):  # 0 throughout, schedules included
             raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
@@ -164,12 +169,11 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"kd_chunk_size must be >= 0 (0 = automatic), got {self.kd_chunk_size}")
         parse_layer_map(self.layer_map)  # fail fast on a malformed map
         parse_layer_map(self.attention_layers, unique=False)
-        for name in ("hint_layers", "at_layers"):
-            parse_module_pairs(getattr(self, name), name)
-        if self.hint_weight > 0 and not self.hint_layers:
-            raise ValueError("hint_weight > 0 needs hint_layers ('teacher.module:student.module,...')")
-        if self.at_weight > 0 and not self.at_layers:
-            raise ValueError("at_weight > 0 needs at_layers ('teacher.module:student.module,...')")
+        for weight, layers in (("hint_weight", "hint_layers"), ("at_weight", "at_layers"),
+                               ("feature_grad_weight", "feature_grad_layers")):
+            parse_module_pairs(getattr(self, layers), layers)
+            if getattr(self, weight) > 0 and not getattr(self, layers):
+                raise ValueError(f"{weight} > 0 needs {layers} ('teacher.module:student.module,...')")
         if self.attention_loss not in ("kl", "mse"):
             raise ValueError(f"attention_loss must be 'kl' or 'mse', got {self.attention_loss!r}")
         if not 0.0 <= self.hint_first_stage < 1.0:

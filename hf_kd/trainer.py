@@ -94,7 +94,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                 for m in (teacher, student):
                     if m is not None:
                         capture.use_eager_attention(m)
-            if s.needs("student").input_grad:  # a double backward: SDPA / flash kernels have no second derivative
+            if s.needs("student").grads:  # a double backward: SDPA / flash kernels have no second derivative
                 capture.use_eager_attention(student)
         if cache_meta is not None:
             check_cache(cache_meta, student, built, self.task)
@@ -183,7 +183,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         return next(s for s in self.signals if s.name == name)
 
     def _check_batch(self, active: list, labels, cache: dict) -> None:
-        if labels is None and any(s.teacher_free or s.needs("student").input_grad for s in active):
+        if labels is None and any(s.teacher_free or s.needs("student").grads for s in active):
             raise ValueError("the task loss (alpha_task > 0) needs 'labels' in the batch: use a collator that makes "
                              "labels (e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
         if self.teacher is None and not cache and any(not s.teacher_free for s in active):

@@ -237,13 +237,15 @@ def batch():
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-def run(trainer, impl, inputs, **overrides):
-    trainer.kd_impl = trainer.args.kd_impl = impl  # the trainer resolved kd_impl at construction
-    for k, v in overrides.items():
-        setattr(trainer.args, k, v)
-    params = [p for p in list(trainer.model.parameters()) + list(trainer.projections.parameters()) if p.requires_grad]
-    for p in params:
-        p.grad = None
+def run(tmp_path, impl, inputs, models=lambda: (llama(24, 2, True, 1), llama(32, 3, False, 2)), **config):
+    """One micro-batch through a trainer built with kd_impl=impl (the engine and the signals are fixed at
+    construction, from the config): the loss and every trainable parameter's gradient (projections included)."""
+    student, teacher = models()
+    torch.manual_seed(0)  # the same projection initialisation in every trainer
+    args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, kd_chunk_size=5, kd_impl=impl,
+                              **config)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
     loss = trainer.compute_loss(trainer.model, dict(inputs))
     loss.backward()
     return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -251,15 +253,14 @@ def run(trainer, impl, inputs, **overrides):
 
 @pytest.mark.parametrize("hidden_weight", [0.0, 0.5])
 def test_trainer_full_chunked_fused_agree(tmp_path, hidden_weight):
-    args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, temperature=2.0, alpha_task=0.4,
-                              kd_weight=1.0, hidden_weight=hidden_weight, kd_chunk_size=5)
-    trainer = DistillationTrainer(model=llama(24, 2, True, 1), teacher_model=llama(32, 3, False, 2), args=args)
     inputs = batch()
     for overrides in ({"kd_loss": "forward_kl"}, {"kd_loss": "jsd", "jsd_beta": 0.3},
                       {"kd_loss": "reverse_kl", "alpha_task": 0.0}, {"kd_loss": "forward_kl", "kd_weight": 0.0}):
-        ref, ref_g = run(trainer, "full", inputs, **{"alpha_task": 0.4, "kd_weight": 1.0, **overrides})
+        config = {"temperature": 2.0, "alpha_task": 0.4, "kd_weight": 1.0, "hidden_weight": hidden_weight,
+                  **overrides}
+        ref, ref_g = run(tmp_path, "full", inputs, **config)
         for impl in ("chunked", "fused"):
-            loss, g = run(trainer, impl, inputs)
+            loss, g = run(tmp_path, impl, inputs, **config)
             assert_close(loss, ref)
             for a, b in zip(g, ref_g):
                 assert_close(a, b, rtol=2e-5)
@@ -282,12 +283,12 @@ def test_trainer_masked_lm_chunked_agrees_with_full(tmp_path):
     inputs = batch()
     inputs["labels"] = torch.where(torch.rand(inputs["labels"].shape) < 0.4, inputs["labels"], -100)
     for positions in ("all", "labels"):
-        args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, temperature=2.0,
-                                  alpha_task=0.4, kd_weight=1.0, kd_positions=positions, kd_chunk_size=5)
-        trainer = DistillationTrainer(model=bert(1), teacher_model=bert(2), args=args)
-        assert trainer.kd_impl == "chunked"
-        ref, ref_g = run(trainer, "full", inputs)
-        loss, g = run(trainer, "chunked", inputs)
+        args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, kd_positions=positions)
+        assert DistillationTrainer(model=bert(1), teacher_model=bert(2), args=args).kd_impl == "chunked"  # default
+        config = dict(temperature=2.0, alpha_task=0.4, kd_weight=1.0, kd_positions=positions)
+        models = lambda: (torch.manual_seed(0), bert(1), bert(2))[1:]  # noqa: E731  (the same pair every call)
+        ref, ref_g = run(tmp_path, "full", inputs, models=models, **config)
+        loss, g = run(tmp_path, "chunked", inputs, models=models, **config)
         assert_close(loss, ref)
         for a, b in zip(g, ref_g):
             assert_close(a, b, rtol=2e-5)

@@ -17,8 +17,10 @@ def test_fractions():
     assert schedule_fraction("cosine", 1, 5) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
     assert schedule_fraction("linear", 0, 1) == 0.0
     assert schedule_fraction("constant", 3, 4) == 0.0
-    with pytest.raises(ValueError, match="weight_schedule 'step' unknown"):
-        schedule_fraction("step", 1, 4)
+    assert [schedule_fraction("step", s, 5, at=0.5) for s in range(5)] == [0, 0, 1, 1, 1]
+    assert [schedule_fraction("warmup", s, 5, at=0.5) for s in range(5)] == [0, 0.5, 1, 1, 1]
+    with pytest.raises(ValueError, match="schedule 'exp' unknown"):
+        schedule_fraction("exp", 1, 4)
 
 
 @pytest.mark.parametrize("kw,message", [

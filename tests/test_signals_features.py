@@ -265,3 +265,32 @@ def test_multi_view_collator_and_training(tmp_path):
                                   data_collator=coll)
     trainer.train()
     assert all(math.isfinite(h["kd_loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_feature_gradient_matching(tmp_path):
+    """Gradients of the task loss w.r.t. mapped module outputs (ViT tokens on the grid vs ResNet maps, 1x1 conv
+    adapter), and the value against a reference written here (same architecture, identity adapter)."""
+    train(tmp_path / "a", vit(), resnet(), images(), feature_grad_weight=100.0, expect=["feature_gradient", "kd"],
+          feature_grad_layers="vit.layers.1:resnet.encoder.stages.1")
+    teacher, student = vit(0), vit(1)
+    args = DistillationConfig(output_dir=str(tmp_path / "b"), report_to=[], use_cpu=True, teacher_dtype="model",
+                              alpha_task=0.0, kd_weight=0.0, feature_grad_weight=1.0,
+                              feature_grad_layers="vit.layers.0:vit.layers.1")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=images())
+    student.eval()  # no dropout in either pass: the reference below sees the same network
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    loss = trainer.compute_loss(student, {"pixel_values": x, "labels": y})
+    grads = []
+    for model, layer in ((teacher, teacher.vit.layers[0]), (student, student.vit.layers[1])):
+        feats = {}
+
+        def keep(m, a, out):
+            feats["f"] = out[0] if isinstance(out, tuple) else out
+            feats["f"].retain_grad()
+        handle = layer.register_forward_hook(keep)
+        leaf = x.clone().requires_grad_(True)  # so the frozen teacher's features require grad too
+        F.cross_entropy(model(pixel_values=leaf).logits, y, reduction="sum").backward()
+        handle.remove()
+        grads.append(feats["f"].grad)
+    expected = ((grads[0] - grads[1]) ** 2).sum() / 4  # per example: summed over tokens and features
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)

@@ -7,7 +7,7 @@ from ..schedules import Schedule, from_args
 from ..tasks import ENCODER
 from .attention import AttentionProbs, AttentionTransfer
 from .base import Context, Signal
-from .gradients import AdversarialGradient, InputGradient
+from .gradients import AdversarialGradient, FeatureGradient, InputGradient
 from .hints import Hint
 from .hidden import (HiddenStates, SimilarityPreserving, build_projections, check_layer_map, default_layer_map,
                      layer_pairs_for)
@@ -59,6 +59,9 @@ def _feature_signals(args, teacher, student) -> list[Signal]:
         out.append(AttentionProbs("attention", args.attention_weight, layers=layers, kind=args.attention_loss))
     if args.input_grad_weight > 0:
         out.append(InputGradient("input_gradient", args.input_grad_weight))
+    if args.feature_grad_weight > 0:
+        out.append(FeatureGradient("feature_gradient", args.feature_grad_weight,
+                                   pairs=parse_module_pairs(args.feature_grad_layers)))
     if args.great_weight > 0:
         out.append(AdversarialGradient("great", args.great_weight))
     if out and teacher is None:
@@ -82,5 +85,6 @@ def _first_stage(signals: list[Signal], fraction: float) -> list[Signal]:
 
 
 __all__ = ["Context", "Signal", "TaskLoss", "LogitKD", "HiddenStates", "SimilarityPreserving", "Hint",
-           "AttentionTransfer", "AttentionProbs", "InputGradient", "AdversarialGradient", "from_config",
+           "AttentionTransfer", "AttentionProbs", "InputGradient", "FeatureGradient", "AdversarialGradient",
+           "from_config",
            "default_layer_map", "check_layer_map", "build_projections", "layer_pairs_for", "WEIGHT_FIELDS"]

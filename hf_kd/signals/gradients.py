@@ -7,6 +7,8 @@ backward through the teacher, so its pass runs outside ``inference_mode``; the s
 
 * :class:`InputGradient` (Sobolev training, Czarnecki et al. 2017): ||g_T - g_S||^2 per example (per token for
   text).
+* :class:`FeatureGradient`: the same at intermediate features (gradients w.r.t. the outputs of mapped named
+  modules), through an adapter where widths differ.
 * :class:`AdversarialGradient` (GREAT, Sinha et al. 2018): a small discriminator D learns to tell g_T (real) from
   g_S (fake); the student is trained to fool it, -log sigmoid(D(g_S)). D is this signal's trainable part: it is
   trained by the same optimizer step on its own loss (the student's term reaches D with D's parameters detached,
@@ -20,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..capture import Needs, dummy_inputs
-from ..losses import great_discriminator_loss, great_generator_loss, input_gradient_matching
+from ..capture import Needs, dummy_inputs, probe_shapes
+from ..losses import great_discriminator_loss, great_generator_loss, input_gradient_matching, match_spatial
 from ..tasks import base_model_of
 from .base import Context, Signal
+from .hints import adapter_for, as_map
 
 
 POOL = 8  # GREAT's discriminator reads image gradients average-pooled to POOL x POOL per channel
@@ -98,3 +101,42 @@ class AdversarialGradient(Signal):
         tell = great_discriminator_loss(self.discriminator(f_t).squeeze(-1),
                                         self.discriminator(f_s.detach()).squeeze(-1), reduction="sum")
         return fool + tell
+
+
+class FeatureGradient(Signal):
+    """Gradient matching at intermediate features: ||A(dL_S/dF_S) - dL_T/dF_T||^2 per example (per token for token
+    states), where F are the outputs of mapped named modules and A is an adapter (Linear for token states, 1x1 conv
+    + BatchNorm for feature maps) where widths differ; spatial sizes matched by pooling. The task loss is the same
+    for both models, on the ground truth."""
+
+    normalizer = "hidden"
+
+    def __init__(self, name="feature_gradient", weight=1.0, *, pairs):
+        super().__init__(name, weight)
+        self.pairs = [tuple(p) for p in pairs]
+        if not self.pairs:
+            raise ValueError("feature-gradient signal: give at least one (teacher_module, student_module) pair")
+        self.adapters = nn.ModuleList()
+
+    def needs(self, side: str) -> Needs:
+        return Needs(module_grads={t if side == "teacher" else s for t, s in self.pairs})
+
+    def check(self, teacher, student) -> None:
+        t_shapes = probe_shapes(teacher, {t for t, _ in self.pairs})
+        s_shapes = probe_shapes(student, {s for _, s in self.pairs})
+        if not len(self.adapters):
+            self.adapters.extend(adapter_for(s_shapes[s], t_shapes[t]) for t, s in self.pairs)
+
+    def loss_sum(self, ctx: Context) -> torch.Tensor:
+        mask, total = ctx.masks["hidden"], 0.0
+        for adapter, (t, s) in zip(self.adapters, self.pairs):
+            g_s, g_t = ctx.student.module_grads[s], ctx.teacher.module_grads[t]
+            if g_s.dim() == 4 or g_t.dim() == 4:
+                g_s, g_t = (as_map(g) if g.dim() == 3 else g for g in (g_s, g_t))
+                g_s, g_t = match_spatial(adapter(g_s), g_t)
+                total = total + (input_gradient_matching(g_s, g_t, reduction="none") * mask).sum()
+            elif mask.dim() == 2:
+                total = total + input_gradient_matching(adapter(g_s), g_t, mask=mask, reduction="sum")
+            else:  # images with token states: per example
+                total = total + (input_gradient_matching(adapter(g_s), g_t, reduction="none") * mask).sum()
+        return total / len(self.pairs)
