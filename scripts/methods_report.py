@@ -1,0 +1,217 @@
+"""docs/methods.md from the rows of scripts/methods.py (results/methods.json): tables per student, the regression
+set, the weight pilot, the commands, the machine and its load, and one line of interpretation per method."""
+
+from __future__ import annotations
+
+import statistics
+
+ORDER = ("baseline", "kd", "hidden", "hints", "hints_norm", "hints_stage", "at", "attention", "kd_eager", "relation",
+         "input_grad", "great", "multiview", "baseline_multiview")
+LABELS = {
+    "baseline": "no teacher (task loss alone)", "kd": "plain KD (logits)", "hidden": "KD + hidden states (cosine)",
+    "hints": "KD + FitNets hints (MSE)", "hints_norm": "KD + hints, normalised", "hints_stage": "KD + hints, 2 stages",
+    "at": "KD + spatial attention transfer", "attention": "KD + attention probabilities (KL)",
+    "kd_eager": "plain KD, eager attention", "relation": "KD + similarity preserving",
+    "input_grad": "KD + input gradients (Sobolev)", "great": "KD + GREAT", "multiview": "KD + 2 shifted views",
+    "baseline_multiview": "no teacher, 2 shifted views",
+}
+WEIGHTS = ("hidden_weight", "hint_weight", "at_weight", "attention_weight", "relation_weight", "input_grad_weight",
+           "great_weight")
+# one line per method: why it helps or does not, written from the recorded run (the verdict before it is computed)
+NOTES: dict[str, str] = {}
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def signed(values: list[float], digits: int = 3) -> str:
+    return ", ".join(f"{v:+.{digits}f}" for v in values) + f" (mean {statistics.mean(values):+.{digits}f})"
+
+
+def term(row: dict) -> str:
+    f = row.get("fields", {})
+    parts = [f"{k.replace('_weight', '')} {f[k]:g}" for k in WEIGHTS if f.get(k)]
+    if f.get("hint_normalize"):
+        parts.append("normalised")
+    if f.get("hint_first_stage"):
+        parts.append(f"first stage {f['hint_first_stage']:g}")
+    if f.get("kd_loss") == "mse":
+        parts.append("kd_loss mse")
+    return ", ".join(parts) or "-"
+
+
+def grouped(doc: dict, split: str, steps: int | None = None) -> dict:
+    """{student: {method: {seed: row}}} of the rows of one split (and step count)."""
+    out: dict = {}
+    for row in doc["rows"].values():
+        if row["split"] == split and (steps is None or row["steps"] == steps):
+            out.setdefault(row["student"], {}).setdefault(row["method"], {})[row["seed"]] = row
+    return out
+
+
+def paired(rows: dict, ref: dict | None, key: str) -> list[float]:
+    return [rows[s][key] - ref[s][key] for s in sorted(rows)
+            if ref and s in ref and key in rows[s] and key in ref[s]]
+
+
+REFERENCE = {"baseline_multiview": ("baseline", "no teacher"), "reg_kd": ("reg_baseline", "no teacher"),
+             "kd": ("baseline", "no teacher")}  # what a method is judged against (default: plain KD)
+
+
+def verdict(diffs: list[float], ref: str, digits: int = 3) -> str:
+    """Per-seed differences to the reference -> a few words (differences under 0.5e-3 count as ties)."""
+    if not diffs:
+        return f"not compared with {ref}"
+    m = statistics.mean(diffs)
+    if all(d > 5e-4 for d in diffs):
+        return f"better than {ref} on every seed (mean {m:+.{digits}f})"
+    if all(d < -5e-4 for d in diffs):
+        return f"worse than {ref} on every seed (mean {m:+.{digits}f})"
+    return (f"no consistent difference from {ref} (per seed {min(diffs):+.{digits}f} to {max(diffs):+.{digits}f}, "
+            f"mean {m:+.{digits}f})")
+
+
+def class_table(student: str, methods: dict) -> list[str]:
+    kd, base = methods.get("kd"), methods.get("baseline")
+    lines = ["| method | added term (weight) | test accuracy | − plain KD, per seed (mean) | − no teacher, per seed "
+             "(mean) | s/step | × KD | load (1-min) |", "|---|---|---|---|---|---:|---:|---:|"]
+    for method in sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+        rows = methods[method]
+        ok = {s: r for s, r in rows.items() if "error" not in r}
+        if not ok:
+            err = next(iter(rows.values()))["error"]
+            lines.append(f"| {LABELS.get(method, method)} | - | not run: `{err[:160]}` | | | | | |")
+            continue
+        seeds = sorted(ok)
+        acc = [ok[s]["accuracy"] for s in seeds]
+        d_kd = paired(ok, kd, "accuracy") if method != "kd" else []
+        d_base = paired(ok, base, "accuracy") if method != "baseline" else []
+        step = statistics.mean(ok[s]["step_seconds"] for s in seeds)
+        ratios = [ok[s]["step_seconds"] / kd[s]["step_seconds"] for s in seeds if kd and s in kd]
+        other = any(kd and s in kd and kd[s]["process"] != ok[s]["process"] for s in seeds)
+        loads = [ok[s]["load_mean"] for s in seeds]
+        ratio = f"{statistics.mean(ratios):.2f}{'†' if other else ''}" if ratios else "-"
+        lines.append(f"| {LABELS.get(method, method)} | {term(ok[seeds[0]])} | {mean_std(acc)} (seeds {seeds}) | "
+                     f"{signed(d_kd) if d_kd else '-'} | {signed(d_base) if d_base else '-'} | {step:.4f} | "
+                     f"{ratio} | {min(loads):.1f}-{max(loads):.1f} |")
+    return lines
+
+
+def regression_table(methods: dict) -> list[str]:
+    base = methods.get("reg_baseline")
+    lines = ["| model | test MSE (standardised thickness) | test R² | R² − no teacher, per seed (mean) | s/step |",
+             "|---|---|---|---|---:|"]
+    teacher = next((r for rows in methods.values() for r in rows.values() if "teacher_mse" in r), None)
+    if teacher:
+        lines.append(f"| teacher: ViT, 3,500 digits | {teacher['teacher_mse']:.4f} | {teacher['teacher_r2']:.4f} | - | - |")
+    for method, label in (("reg_baseline", "ResNet, no teacher (MSE on the target)"),
+                          ("reg_kd", "ResNet, + output matching ‖y_T − y_S‖² (kd_loss mse)")):
+        ok = {s: r for s, r in methods.get(method, {}).items() if "error" not in r}
+        if not ok:
+            continue
+        d = paired(ok, base, "r2") if method != "reg_baseline" else []
+        lines.append(f"| {label} | {mean_std([r['mse'] for r in ok.values()])} | "
+                     f"{mean_std([r['r2'] for r in ok.values()])} | {signed(d) if d else '-'} | "
+                     f"{statistics.mean(r['step_seconds'] for r in ok.values()):.4f} |")
+    return lines
+
+
+def pilot_table(pilot: dict) -> list[str]:
+    lines = ["| student | method | weight: validation accuracy (seed 0) |", "|---|---|---|"]
+    for student, methods in sorted(grouped(pilot, "validation").items()):
+        by_name: dict = {}
+        for spec, rows in methods.items():
+            for r in rows.values():
+                if "error" not in r:
+                    name, _, w = spec.partition("@")
+                    by_name.setdefault(name, []).append((float(w) if w else 0.0, r["accuracy"]))
+        for name in sorted(by_name, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+            cells = ", ".join(f"{w:g}: {a:.3f}" if w else f"{a:.3f}" for w, a in sorted(by_name[name]))
+            lines.append(f"| {student} | {LABELS.get(name, name)} | {cells} |")
+    return lines
+
+
+def render(doc: dict, path: str, pilot: dict | None = None) -> str:
+    meta, runs = doc.get("meta", {}), doc.get("meta", {}).get("runs", [])
+    test = grouped(doc, "test")
+    steps = sorted({r["steps"] for r in doc["rows"].values()})
+    rows = [r for r in doc["rows"].values() if "error" not in r and r["split"] == "test"]
+    loads = [r["load_mean"] for r in rows]
+    m = meta.get("machine", {})
+    out = ["# Distillation methods, measured on MNIST-5k", "",
+           f"Generated by `scripts/methods.py --render` from `{path}`; every number below is a row of that file.", "",
+           "Setup: the image recipe (`recipes/distill_image.py` defaults): a ViT teacher (patch 7, width 64, 4 layers) "
+           "trained on 3,500 digits; students see the first 1,000 of them for "
+           f"{'/'.join(map(str, steps))} steps of 64 (AdamW lr 2e-3, cosine, 20 warm-up steps, weight decay 0.05), "
+           "and are evaluated on the 1,000 test digits. Every method is plain KD (alpha_task 0.5, kd_weight 0.5, "
+           "forward KL at T = 4) plus one term, from the same seeded initial student, data order and steps; the "
+           "baseline is the task loss alone. Students: ResNet (basic blocks, widths 16/32, 21.9K parameters) and "
+           "ViT (width 32, 2 layers, 2 heads). Module pairs for hints and attention transfer: teacher `vit.layers.1` "
+           "-> ResNet `resnet.encoder.stages.0` / ViT `vit.layers.0`, `vit.layers.3` -> `stages.1` / `vit.layers.1` "
+           "(ViT tokens laid on their 4x4 patch grid); attention probabilities: teacher layers 1, 3 -> student 0, 1. "
+           "Weights were chosen on the validation split (pilot below), never on the test split.", "",
+           "Time per step: the median interval between optimizer steps of the run (data, teacher and student passes, "
+           "update), one torch thread; × KD divides it by plain KD's with the same student and seed, measured in "
+           "the same process († marks a ratio whose KD row came from another process). The load column is "
+           "os.getloadavg()'s 1-minute value sampled every 40 steps of each run (min-max over seeds): the machine "
+           "was shared, so absolute times are inflated by the load; ratios measured close together are fairer.", ""]
+    for student in ("resnet", "vit"):
+        if student in test:
+            methods = {k: v for k, v in test[student].items() if not k.startswith("reg_")}
+            teacher = next((r["teacher_accuracy"] for v in methods.values() for r in v.values()
+                            if "teacher_accuracy" in r), None)
+            out += [f"## {'ResNet' if student == 'resnet' else 'ViT'} student (teacher test accuracy "
+                    f"{teacher:.3f})" if teacher else f"## {student}", ""] + class_table(student, methods) + [""]
+    reg = {k: v for k, v in test.get("resnet", {}).items() if k.startswith("reg_")}
+    if reg:
+        out += ["## Regression: output matching (stroke thickness)", "",
+                "Target: the mean stroke width of each digit, 2 x ink area / ink perimeter (ink = intensity > 0.5, "
+                "perimeter = ink/background edges between 4-neighbours; a stroke of width w and length L >> w has "
+                "area wL and perimeter ~2L), standardised with the teacher split's mean and std. It is not a linear "
+                "function of the pixels (unlike ink mass), so the student has something to learn. Teacher: the "
+                "classifier teacher's ViT with one output, trained by MSE for 30 epochs on the 3,500 teacher digits "
+                "(cached). Student: the ResNet with one output on the 1,000 digits, L = L_task (MSE) for the "
+                "baseline, L = L_task + ‖y_T − y_S‖² with output matching (alpha_task 1, kd_weight 1, "
+                "kd_loss mse).", ""] + regression_table(reg) + [""]
+    out += ["## What helped, what did not", ""]
+    for student in ("resnet", "vit"):
+        methods = test.get(student, {})
+        for method in [m for m in (*ORDER, "reg_kd") if m in methods and m != "baseline"]:
+            ok = {s: r for s, r in methods[method].items() if "error" not in r}
+            key = "r2" if method == "reg_kd" else "accuracy"
+            ref, ref_label = REFERENCE.get(method, ("kd", "plain KD"))
+            if not ok:
+                auto = "not run: hf_kd refuses it (see the table)"
+            elif method == "kd_eager":
+                auto = "the same loss as plain KD; measures what switching to eager attention costs"
+            else:
+                auto = verdict(paired(ok, methods.get(ref), key), ref_label, 4 if key == "r2" else 3)
+            if method == "multiview" and ok and "baseline_multiview" in methods:
+                auto += "; vs the same views without a teacher: " + verdict(
+                    paired(ok, methods["baseline_multiview"], key), "no teacher with views")
+            note = NOTES.get(f"{student}:{method}", NOTES.get(method, ""))
+            label = "output matching (R²)" if method == "reg_kd" else LABELS.get(method, method)
+            out.append(f"- **{student}, {label}**: {auto}." + (f" {note}" if note else ""))
+    out.append("")
+    if pilot:
+        out += ["## Weight pilot (validation split, 500 digits, seed 0)", "",
+                "One seed on 500 digits: differences under about 1 point are noise; where the pilot did not separate "
+                "the weights, the middle one was kept.", ""] + pilot_table(pilot) + [""]
+    errors = [r for r in doc["rows"].values() if "error" in r]
+    if errors:
+        out += ["## Errors", ""] + [f"- {r['student']} / {r['method']} / seed {r['seed']}: `{r['error']}`"
+                                    for r in errors] + [""]
+    total = sum(r["wall_seconds"] for r in runs)
+    out += ["## Commands, machine, load", "",
+            f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, transformers "
+            f"{m.get('transformers', '?')}, Python {m.get('python', '?')}; one torch thread per run; teacher in float32.",
+            f"Load average (1-min) during the test-split runs: median {statistics.median(loads):.2f}, range "
+            f"{min(loads):.2f}-{max(loads):.2f} on {m.get('cores', '?')} cores." if loads else "",
+            f"Wall time of the recorded runs: {total / 60:.1f} min in all ({sum(r['rows'] for r in runs)} rows).", "",
+            "```bash"] + [f"{r['command']}   # {r['rows']} rows, {r['wall_seconds'] / 60:.1f} min, finished "
+                          f"{r['finished']}" for r in runs] + ["```", ""]
+    return "\n".join(out)

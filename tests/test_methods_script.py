@@ -1,0 +1,68 @@
+"""scripts/methods.py end to end on the smoke-test teachers: 2 steps, tiny data, rows merged and resumed, the
+Markdown rendered from real values (about 20 s)."""
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "methods.py")
+
+
+@pytest.fixture(scope="module")
+def methods():
+    spec = importlib.util.spec_from_file_location("hf_kd_methods_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_thickness_of_a_bar(methods):
+    """A 3-pixel-wide, 20-pixel-long bar: 2 * 60 / (2 * 20 + 2 * 3) pixels; an empty image gives 0."""
+    from hf_kd_recipes.image_teacher import MEAN, STD
+    raw = torch.zeros(2, 3, 28, 28)
+    raw[0, :, 4:24, 10:13] = 1.0
+    pixels = (raw - MEAN) / STD
+    assert methods.thickness(pixels).tolist() == pytest.approx([2 * 60 / 46, 0.0])
+
+
+def test_method_fields(methods):
+    assert methods.method_fields("at@30", "vit")["at_weight"] == 30.0
+    assert methods.method_fields("at", "resnet")["at_layers"] == methods.PAIRS["resnet"]
+    assert methods.method_fields("baseline", "vit")["kd_weight"] == 0.0
+    with pytest.raises(KeyError):
+        methods.method_fields("attention", "resnet")  # ViT students only
+
+
+def test_two_steps_rows_resume_and_render(methods, tmp_path):
+    out, md = tmp_path / "methods.json", tmp_path / "methods.md"
+    argv = ["--quick", "--steps", "2", "--methods", "kd,at,reg_kd", "--students", "resnet", "--seeds", "0",
+            "--train_images", "128", "--eval_images", "100", "--out", str(out), "--render", str(md)]
+    doc = methods.main(argv)
+    rows = doc["rows"]
+    assert sorted(rows) == [f"test|resnet|{m}|0|2" for m in ("at", "kd", "reg_kd")]
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["steps"] == 2 and row["threads"] == 1 and row["step_seconds"] > 0 and row["load_mean"] >= 0
+    kd, at, reg = rows["test|resnet|kd|0|2"], rows["test|resnet|at|0|2"], rows["test|resnet|reg_kd|0|2"]
+    assert kd["examples"] == 100 and 0 <= kd["accuracy"] <= 1 and 0 <= kd["teacher_accuracy"] <= 1
+    assert at["fields"] == {"at_weight": 10.0, "at_layers": methods.PAIRS["resnet"]}
+    assert reg["fields"] == {"alpha_task": 1.0, "kd_weight": 1.0, "kd_loss": "mse"} and reg["mse"] > 0
+    assert reg["r2"] <= 1 and reg["teacher_r2"] <= 1 and reg["teacher_mse"] > 0
+    assert "attention_transfer_loss" in at["log_last"] and "kd_loss" in kd["log_last"]
+    assert len(doc["meta"]["runs"]) == 1 and doc["meta"]["runs"][0]["rows"] == 3
+
+    text = md.read_text()
+    assert f"| plain KD (logits) | - | {kd['accuracy']:.4f} ± 0.0000 (seeds [0]) |" in text
+    d = at["accuracy"] - kd["accuracy"]
+    assert f"| KD + spatial attention transfer | at 10 | {at['accuracy']:.4f} ± 0.0000 (seeds [0]) | {d:+.3f} " in text
+    assert f"{reg['mse']:.4f} ± 0.0000" in text
+    assert "python scripts/methods.py --quick --steps 2" in text and "cores, torch" in text
+    assert not re.search(r"\bNone\b|\bnan\b|\{", text)
+
+    before = json.loads(out.read_text())
+    methods.main(argv)  # everything already there: nothing is trained again, nothing changes
+    assert json.loads(out.read_text()) == before
