@@ -8,6 +8,7 @@ input gradient is needed) and only the tensors asked for are kept, copied out of
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
@@ -262,11 +263,13 @@ def run(model: nn.Module, inputs: dict, needs: Needs, task: str, *, teacher: boo
     if needs.grads and labels is None:
         raise ValueError("gradient signals take the gradient of the task loss: the batch needs labels")
     leaf = None
-    if needs.input_grad:
-        inputs, leaf = _input_leaf(model, inputs, teacher)
-    grad_mode = torch.enable_grad() if (needs.grads or not teacher) else torch.inference_mode()
+    # the teacher: inference mode unless gradients are taken; the student: as the caller has it (no_grad in
+    # evaluation), but gradients of the task loss need a graph even there
+    grad_mode = torch.enable_grad() if needs.grads else torch.inference_mode() if teacher else contextlib.nullcontext()
     leaves = needs.module_grads if teacher else ()
     with grad_mode, ModuleHooks(model, needs.modules | needs.module_grads, leaves) as module_out:
+        if needs.input_grad:
+            inputs, leaf = _input_leaf(model, inputs, teacher)
         outputs, last_hidden = _forward(model, inputs, needs, task, fused, check=fused)
     got = Captured(outputs=outputs, last_hidden=last_hidden, modules=dict(module_out))
     got.logits = getattr(outputs, "logits", None)
@@ -275,7 +278,8 @@ def run(model: nn.Module, inputs: dict, needs: Needs, task: str, *, teacher: boo
     attentions = getattr(outputs, "attentions", None)
     got.attentions = {i: attentions[i] for i in needs.attentions} if attentions is not None else {}
     if needs.grads:
-        _task_loss_grads(model, got, needs, task, labels, leaf, teacher)
+        with torch.enable_grad():
+            _task_loss_grads(model, got, needs, task, labels, leaf, teacher)
     if teacher:
         _keep_only(got, needs)
     return got

@@ -56,7 +56,7 @@ def test_trainer_follows_the_schedule(tmp_path):
                               kd_weight_end=0.0, hidden_weight_end=2.0, temperature_end=1.0)
     trainer = DistillationTrainer(model=make_student(teacher, num_layers=2), teacher_model=teacher, args=args,
                                   train_dataset=padded_rows())
-    assert trainer.layer_pairs  # hidden_weight peaks at 2: its layer pairs exist from the start
+    assert any(s.name == "hidden" and s.pairs for s in trainer.signals)  # hidden_weight peaks at 2: built from the start
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["step"] for h in logs] == [1, 2, 3, 4, 5]

@@ -184,7 +184,9 @@ def test_attention_signal_switches_to_eager_attention(tmp_path):
 # ---- gradients -----------------------------------------------------------------------------------------------------
 
 def test_input_gradient_matching_images(tmp_path):
-    train(tmp_path, vit(), resnet(), images(), input_grad_weight=100.0, expect=["input_gradient", "kd"])
+    trainer = train(tmp_path, vit(), resnet(), images(), input_grad_weight=100.0, expect=["input_gradient", "kd"])
+    metrics = trainer.evaluate(images(8))  # evaluation runs under no_grad: the gradients still get their graph
+    assert metrics["eval_input_gradient_loss"] > 0 and math.isfinite(metrics["eval_loss"])
 
 
 def test_input_gradient_value_is_the_reference(tmp_path):
@@ -206,7 +208,8 @@ def test_input_gradient_value_is_the_reference(tmp_path):
 
 
 def test_input_gradient_text_needs_the_same_embedding_width(tmp_path):
-    train(tmp_path, bert(2, 0), bert(1, 1), texts(), input_grad_weight=10.0, expect=["input_gradient"])
+    trainer = train(tmp_path, bert(2, 0), bert(1, 1), texts(), input_grad_weight=10.0, expect=["input_gradient"])
+    assert trainer.evaluate(texts(8))["eval_input_gradient_loss"] > 0  # under no_grad too
     torch.manual_seed(2)
     narrow = BertForSequenceClassification(BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                       num_attention_heads=2, vocab_size=40, num_labels=3))
