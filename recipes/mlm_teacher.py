@@ -1,6 +1,6 @@
-"""The masked-LM teacher of ``hf-kd distill-mlm``: the packaged all-MiniLM-L6-v2 is a plain BertModel (no MLM
-head), so hf_kd builds a BertForMaskedLM from it and fits it on the training tales once, cached under
-``cache_dir()/minilm-mlm-teacher`` (``-quick`` for the tiny smoke-test fit).
+"""The masked-LM teacher of ``recipes/distill_mlm.py`` (``hf-kd distill-mlm``): the packaged all-MiniLM-L6-v2 is a
+plain BertModel (no MLM head), so a BertForMaskedLM is built from it and fitted on the training tales once, cached
+under ``cache_dir()/minilm-mlm-teacher`` (``-quick`` for the tiny smoke-test fit).
 
 What makes the fit affordable on a CPU (measured on the held-out tales, see the README): the output bias starts at
 the log unigram frequencies of the training tokens; the transformer layers train too (the encoder at a lower
@@ -16,6 +16,10 @@ import math
 import time
 
 import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
+
+from hf_kd.assets import cached_folder, load_tales, minilm_path, prepared_info
 
 EMBEDDED = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -26,7 +30,6 @@ QUICK_RECIPE = dict(RECIPE, steps=4, batch_size=8, eval_chunks=64)
 
 def chunk_text(dataset, tokenizer, max_length: int, text_column: str = "text", max_chunks: int | None = None):
     """Every row cut into consecutive ``max_length``-token chunks ([CLS] ... [SEP]); chunks under 8 tokens dropped."""
-    from datasets import Dataset
     enc = tokenizer(list(dataset[text_column]), truncation=True, max_length=max_length,
                     return_overflowing_tokens=True)
     rows = [ids for ids in enc["input_ids"] if len(ids) >= 8][:max_chunks]
@@ -37,7 +40,6 @@ def chunk_text(dataset, tokenizer, max_length: int, text_column: str = "text", m
 
 def masked_batches(chunks, tokenizer, batch_size: int, seed: int = 1234, mlm_probability: float = 0.15) -> list:
     """Fixed, seeded masking of ``chunks`` (the same masked positions for every model evaluated)."""
-    from transformers import DataCollatorForLanguageModeling
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
     rows = [{"input_ids": ids} for ids in chunks["input_ids"]]
     return [collator(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
@@ -45,7 +47,6 @@ def masked_batches(chunks, tokenizer, batch_size: int, seed: int = 1234, mlm_pro
 
 def mlm_from_encoder(path: str):
     """BertForMaskedLM holding the encoder at ``path`` (pooler dropped), decoder tied to the word embeddings."""
-    from transformers import BertForMaskedLM, BertModel
     encoder = BertModel.from_pretrained(path, dtype=torch.float32)
     config = copy.deepcopy(encoder.config)
     config.tie_word_embeddings, config.architectures = True, ["BertForMaskedLM"]
@@ -85,7 +86,6 @@ def unigram_bias_(model, train_chunks, tokenizer) -> None:
 
 def fit_mlm(model, train_chunks, tokenizer, recipe: dict, log_every: int = 25) -> dict:
     """AdamW on the MLM loss: warm-up then linear decay, gradient clipping at 1; prints progress."""
-    from transformers import DataCollatorForLanguageModeling
     gen = torch.Generator().manual_seed(recipe["seed"])
     torch.manual_seed(recipe["seed"])
     if recipe.get("unigram_bias"):
@@ -130,9 +130,6 @@ def fit_mlm(model, train_chunks, tokenizer, recipe: dict, log_every: int = 25) -
 
 def prepare_mlm_teacher(quick: bool = False, steps: int = 0):
     """``(BertForMaskedLM, tokenizer, info)``: the packaged MiniLM with its fitted MLM head (built once, cached)."""
-    from transformers import AutoTokenizer, BertForMaskedLM
-    from ..assets import load_tales, minilm_path
-    from .common import cached_folder, prepared_info
     recipe = dict(QUICK_RECIPE if quick else RECIPE)
     if steps:
         recipe["steps"] = steps

@@ -1,0 +1,52 @@
+"""Command-line arguments shared by the recipes: the fields every job has, and one parser with the precedence
+
+    a recipe's DEFAULTS  <  its QUICK preset (--quick)  <  a YAML file (--config X.yaml)  <  flags on the command line
+
+over the recipe's job dataclass and :class:`hf_kd.DistillationConfig` (every field of both is a flag; --help).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import yaml
+from transformers import HfArgumentParser
+
+from hf_kd import DistillationConfig
+
+
+@dataclasses.dataclass
+class JobArguments:
+    """Fields every job has (the job-specific dataclasses extend it)."""
+
+    quick: bool = dataclasses.field(default=False, metadata={"help": "Smoke-test preset: a tiny run in ~1 minute."})
+    baseline: bool = dataclasses.field(default=True, metadata={"help": "Also train the same student for the same "
+                                       "steps on the task loss alone (no teacher) and report it."})
+    keep_checkpoints: bool = dataclasses.field(default=False, metadata={"help": "Keep checkpoint-* folders "
+                                               "after a successful run (they are removed by default)."})
+    dry_run: bool = dataclasses.field(default=False, metadata={"help": "With --push_to_hub: write "
+                                      "push_dry_run.json listing what would be pushed instead of pushing."})
+
+
+def _as_args(values: dict) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def parse(job_cls, argv: list[str] | None, defaults: dict, quick: dict):
+    """``(job, DistillationConfig)`` from ``defaults``, the ``quick`` preset, ``--config X.yaml`` and flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from_yaml = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        with open(argv[i + 1]) as f:
+            from_yaml = yaml.safe_load(f) or {}
+        del argv[i:i + 2]
+    wants_quick = from_yaml.get("quick") is True or any(a == "--quick" and (j + 1 == len(argv) or argv[j + 1]
+                                                        .lower() not in ("false", "0")) for j, a in enumerate(argv))
+    values = {**defaults, **(quick if wants_quick else {}), **from_yaml}
+    parser = HfArgumentParser((job_cls, DistillationConfig))
+    return parser.parse_args_into_dataclasses(args=_as_args(values) + argv)

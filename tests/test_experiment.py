@@ -1,0 +1,23 @@
+"""hf_kd.experiment's no-teacher baseline: the task loss alone, whatever teacher terms the distillation used."""
+
+import dataclasses
+
+from hf_kd import DistillationConfig
+from hf_kd.experiment import baseline_args
+
+
+def test_baseline_args_turn_every_teacher_term_off(tmp_path):
+    args = DistillationConfig(output_dir=str(tmp_path / "kd"), alpha_task=0.5, kd_weight=0.5, hidden_weight=1.0,
+                              relation_weight=1.0, hint_weight=1.0, hint_layers="a.b:c.d", hint_first_stage=0.3,
+                              at_weight=1.0, at_layers="a.b:c.d", input_grad_weight=0.1, great_weight=0.1,
+                              weight_schedule="linear", kd_weight_end=2.0, alpha_task_end=0.0, temperature=4.0,
+                              temperature_end=1.0, max_steps=7, learning_rate=1e-3, seed=3, push_to_hub=False,
+                              report_to="none")
+    base = baseline_args(args, str(tmp_path / "base"))
+    weights = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name.endswith("_weight")}
+    assert weights and set(weights.values()) == {0.0}, weights
+    assert base.alpha_task == 1.0 and base.weight_schedule == "constant" and base.hint_first_stage == 0.0
+    assert base.alpha_task_end is base.kd_weight_end is base.temperature_end is None
+    assert (base.max_steps, base.learning_rate, base.seed) == (7, 1e-3, 3)  # same run otherwise
+    assert base.output_dir == str(tmp_path / "base") and base.save_strategy == "no" and not base.push_to_hub
+    assert args.kd_weight == 0.5 and args.output_dir == str(tmp_path / "kd")  # the original is untouched
