@@ -57,3 +57,21 @@ def image_transform(processor, image_column: str = "image", label_column: str = 
 def processor_wants_rgb(processor) -> bool:
     mean = getattr(processor, "image_mean", None)
     return mean is None or len(mean) == 3
+
+
+def with_transfer_set(labelled: Dataset, unlabelled: Dataset, label_column: str = "labels") -> Dataset:
+    """A labelled dataset plus an unlabelled one (a transfer set, Hinton et al. 2015) as one dataset whose
+    unlabelled rows carry label -100: the task loss skips them, distillation (``kd_positions='all'``, the default
+    for classifiers) counts every row. Columns must otherwise match; the unlabelled set may lack the label column
+    (a scalar label per row: classifiers; token-level labels need the caller's own -100 rows)."""
+    from datasets import concatenate_datasets
+    if label_column not in labelled.column_names:
+        raise ValueError(f"the labelled dataset has no {label_column!r} column (columns: {labelled.column_names})")
+    if label_column in unlabelled.column_names:
+        unlabelled = unlabelled.remove_columns(label_column)
+    missing = set(labelled.column_names) - {label_column} - set(unlabelled.column_names)
+    if missing:
+        raise ValueError(f"the unlabelled dataset lacks columns {sorted(missing)} of the labelled one")
+    unlabelled = unlabelled.select_columns([c for c in labelled.column_names if c != label_column])
+    unlabelled = unlabelled.add_column(label_column, [-100] * len(unlabelled))
+    return concatenate_datasets([labelled, unlabelled.cast(labelled.features)])

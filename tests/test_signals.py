@@ -149,3 +149,14 @@ def test_unlabelled_examples_are_distilled(tmp_path):
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items())
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all(h["kd_loss"] > 0 and h["task_loss"] == 0 for h in logs)
+
+
+def test_with_transfer_set_marks_unlabelled_rows():
+    from hf_kd.data import with_transfer_set
+    labelled = Dataset.from_dict({"input_ids": [[1, 2], [3, 4]], "labels": [0, 2]})
+    unlabelled = Dataset.from_dict({"input_ids": [[5, 6], [7, 8], [9, 1]], "text": ["a", "b", "c"]})
+    both = with_transfer_set(labelled, unlabelled)
+    assert both["labels"] == [0, 2, -100, -100, -100] and both["input_ids"][2] == [5, 6]
+    assert both.column_names == ["input_ids", "labels"]
+    with pytest.raises(ValueError, match="lacks columns"):
+        with_transfer_set(labelled, Dataset.from_dict({"text": ["x"]}))
