@@ -13,12 +13,7 @@ from hf_kd.losses import (attention_probs_loss, attention_transfer, hint_loss, m
                           spatial_attention_map)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .scripts.tiny import one_thread  # noqa: F401, E402  (autouse fixture: one intra-op thread)
 
 
 def budget(n=25):

@@ -12,12 +12,7 @@ from hypothesis import strategies as st
 from hf_kd.losses import great_discriminator_loss, great_generator_loss, input_gradient_matching
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .scripts.tiny import one_thread  # noqa: F401, E402  (autouse fixture: one intra-op thread)
 
 
 def budget(n=25):

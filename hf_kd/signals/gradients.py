@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..capture import Needs, dummy_inputs, probe_shapes
+from ..capture import Needs, dummy_inputs
 from ..losses import great_discriminator_loss, great_generator_loss, input_gradient_matching, match_spatial
 from ..tasks import base_model_of
 from .base import Context, Signal
-from .hints import adapter_for, as_map
+from .hints import as_map, module_adapters
 
 
 POOL = 8  # GREAT's discriminator reads image gradients average-pooled to POOL x POOL per channel
@@ -122,10 +122,8 @@ class FeatureGradient(Signal):
         return Needs(module_grads={t if side == "teacher" else s for t, s in self.pairs})
 
     def check(self, teacher, student) -> None:
-        t_shapes = probe_shapes(teacher, {t for t, _ in self.pairs})
-        s_shapes = probe_shapes(student, {s for _, s in self.pairs})
         if not len(self.adapters):
-            self.adapters.extend(adapter_for(s_shapes[s], t_shapes[t]) for t, s in self.pairs)
+            self.adapters.extend(module_adapters(teacher, student, self.pairs))
 
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         mask, total = ctx.masks["hidden"], 0.0

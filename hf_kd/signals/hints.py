@@ -36,6 +36,19 @@ def as_map(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, d, side, side)
 
 
+def module_adapters(teacher, student, pairs, force: bool = False) -> list[nn.Module]:
+    """One adapter per (teacher module, student module) pair, sized by a shape probe of both models; both outputs
+    must be token states [B, T, D] or feature maps [B, C, H, W]."""
+    t_shapes = probe_shapes(teacher, {t for t, _ in pairs})
+    s_shapes = probe_shapes(student, {s for _, s in pairs})
+    for t, s in pairs:
+        for shape, who, mod in ((t_shapes[t], "teacher", t), (s_shapes[s], "student", s)):
+            if len(shape) not in (3, 4):
+                raise ValueError(f"{who} module {mod!r} outputs shape {shape}; expected token states [B, T, D] or "
+                                 "feature maps [B, C, H, W]")
+    return [adapter_for(s_shapes[s], t_shapes[t], force) for t, s in pairs]
+
+
 def adapter_for(s_shape: tuple, t_shape: tuple, force: bool = False) -> nn.Module:
     """The module that takes the student's feature to the teacher's width (channels for maps)."""
     as_maps = len(s_shape) == 4 or len(t_shape) == 4
@@ -65,15 +78,8 @@ class Hint(Signal):
         return Needs(modules={t if side == "teacher" else s for t, s in self.pairs})
 
     def check(self, teacher, student) -> None:
-        t_shapes = probe_shapes(teacher, {t for t, _ in self.pairs})
-        s_shapes = probe_shapes(student, {s for _, s in self.pairs})
-        for t, s in self.pairs:
-            for shape, who, mod in ((t_shapes[t], "teacher", t), (s_shapes[s], "student", s)):
-                if len(shape) not in (3, 4):
-                    raise ValueError(f"hint: {who} module {mod!r} outputs shape {shape}; hints need token states "
-                                     "[B, T, D] or feature maps [B, C, H, W]")
         if not len(self.adapters):  # built once (a resumed trainer reuses them)
-            self.adapters.extend(adapter_for(s_shapes[s], t_shapes[t], self.force_adapter) for t, s in self.pairs)
+            self.adapters.extend(module_adapters(teacher, student, self.pairs, self.force_adapter))
 
     def _pair_sum(self, adapter, h_s, h_t, mask) -> torch.Tensor:
         if h_s.dim() == 4 or h_t.dim() == 4:  # feature maps (token states of the other side laid on their grid)
