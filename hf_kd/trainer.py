@@ -163,7 +163,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                       None, None, step, total, {"cache": cache})
         ctx.teacher, ctx.student = self._passes(model, model_inputs, labels, active, bool(cache))
         loss, sums = self._logit_terms(ctx, active, weights, counts)
-        parts = {name: s / counts[self._signal(name).normalizer] for name, s in sums.items()}
+        parts = {name: total / counts[self._signal(name).normalizer] for name, total in sums.items()}
         for s in active:
             if not s.logit:
                 parts[s.name] = s.loss_sum(ctx) / counts[s.normalizer]
@@ -184,8 +184,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     def _check_batch(self, active: list, labels, cache: dict) -> None:
         if labels is None and any(s.teacher_free or s.needs("student").grads for s in active):
-            raise ValueError("the task loss (alpha_task > 0) needs 'labels' in the batch: use a collator that makes "
-                             "labels (e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
+            raise ValueError("the task loss (alpha_task > 0) and gradient signals need 'labels' in the batch: use a "
+                             "collator that makes labels (e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
         if self.teacher is None and not cache and any(not s.teacher_free for s in active):
             raise ValueError("training from a teacher cache, but the batch has no teacher_topk_* columns: use the "
                              "cache as train_dataset (or keep its columns)")
