@@ -1,9 +1,8 @@
 """Distillation losses: pure functions of tensors, and the registry that maps config names to them."""
 
-from .chunked import (CHUNKED_LOGIT_LOSSES, chunked_forward_kl, chunked_generalized_jsd, chunked_logit_loss,
-                      chunked_logit_mse, chunked_reverse_kl)
 from .fused import fused_cross_entropy, fused_kd_ce, fused_kd_loss
-from .kd_ce import chunked_kd_ce
+from .kd_ce import (CHUNKED_LOGIT_LOSSES, chunked_forward_kl, chunked_generalized_jsd, chunked_kd_ce,
+                    chunked_logit_loss, chunked_logit_mse, chunked_reverse_kl)
 from .features import attention_probs_loss, attention_transfer, hint_loss, match_spatial, spatial_attention_map
 from .gradients import great_discriminator_loss, great_generator_loss, input_gradient_matching
 from .hidden import hidden_cosine, hidden_mse

@@ -10,7 +10,8 @@ positions ``chunk_size`` rows at a time (default: chunks of 8 MiB, see ``resolve
 straight into one buffer in the logits' dtype. The coefficients (the caller's loss weights over their counts)
 are known before the forward pass, so the function returns the weighted loss itself, kd_coef * KD + ce_coef * CE,
 whose backward scales that buffer by the incoming gradient, plus the two sums detached for logging: there is no
-later combination to get wrong. The fused path (:mod:`hf_kd.losses.fused`) shares the per-chunk math.
+later combination to get wrong. This is the one chunk loop over logits: the public ``chunked_logit_loss`` (KD alone,
+any leading shape) runs through it too. The fused path (:mod:`hf_kd.losses.fused`) shares the per-chunk math.
 
 The teacher is either dense logits [N, V_T] (any ``kind`` of :mod:`hf_kd.losses.chunked`) or an offline
 top-k cache (ids [N, k], log-probabilities [N, k] at T, log tail mass [N]; forward KL with the tail as one
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .chunked import _log_softmax, check_kind, kd_rows, resolve_chunk_size
+from .logits import forward_kl, generalized_jsd, logit_mse, reverse_kl
 
 Tensor = torch.Tensor
 
@@ -207,3 +209,55 @@ def chunked_kd_ce(student_logits: Tensor, teacher_logits: Tensor | None = None, 
     chunk_size = resolve_chunk_size(chunk_size, vocab)
     o = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef))
     return _ChunkedKdCe.apply(student_logits, zt, ids, log_p, log_r, labels, mask, o)
+
+
+def chunked_logit_loss(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward_kl", *,
+                       beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None,
+                       reduction: str = "mean", chunk_size: int | None = None, vocab_limit: int | None = None) -> Tensor:
+    """Logit loss ``kind`` (forward_kl, reverse_kl, jsd, mse) over logits [..., V], computed by the chunk loop of
+    :func:`chunked_kd_ce` (no task term). ``mask`` (leading shape, True = counted) and ``reduction`` as in the
+    reference functions; ``vocab_limit`` compares only the first ``vocab_limit`` entries (the student's others get
+    zero gradient). A strided view (e.g. logits[:, :-1]) is copied into rows first. ``reduction="none"`` (one value
+    per position) is computed by the reference function: per-position outputs keep [N, V] temporaries anyway.
+    """
+    check_kind(kind, beta)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    width = vocab_limit or vocab
+    if teacher_logits.shape[:-1] != lead or teacher_logits.shape[-1] < width or width > vocab:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} do not match (vocab_limit={vocab_limit})")
+    if mask is not None and mask.shape != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the logits' leading shape {tuple(lead)}")
+    if reduction == "none":
+        fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": generalized_jsd, "mse": logit_mse}[kind]
+        extra = {"beta": beta} if kind == "jsd" else {}
+        return fn(student_logits[..., :width], teacher_logits[..., :width].detach(), temperature=temperature,
+                  mask=mask, reduction="none", **extra)
+    n = lead.numel()
+    flat_mask = None if mask is None else mask.reshape(-1)
+    loss, _, _ = chunked_kd_ce(student_logits.reshape(n, vocab), teacher_logits.reshape(n, -1), mask=flat_mask,
+                               kind=kind, beta=beta, temperature=temperature, chunk_size=chunk_size,
+                               vocab_limit=vocab_limit, kd_coef=1.0, ce_coef=0.0)
+    if reduction == "mean":
+        loss = loss / max(n if mask is None else int(mask.sum()), 1)
+    return loss
+
+
+def _kind_of(kind: str, doc: str):
+    def loss(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
+             mask: Tensor | None = None, reduction: str = "mean", chunk_size: int | None = None,
+             vocab_limit: int | None = None) -> Tensor:
+        return chunked_logit_loss(student_logits, teacher_logits, kind, beta=beta, temperature=temperature, mask=mask,
+                                  reduction=reduction, chunk_size=chunk_size, vocab_limit=vocab_limit)
+    loss.__name__, loss.__doc__ = f"chunked_{kind}", doc
+    return loss
+
+
+chunked_forward_kl = _kind_of("forward_kl", "T^2 * KL(p_T || p_S), chunked (see :func:`chunked_logit_loss`).")
+chunked_reverse_kl = _kind_of("reverse_kl", "T^2 * KL(p_S || p_T), chunked (see :func:`chunked_logit_loss`).")
+chunked_generalized_jsd = _kind_of("jsd", "T^2 * JSD_beta (beta 0 = forward KL, 1 = reverse KL), chunked.")
+chunked_logit_mse = _kind_of("mse", "mean_v (z_S - z_T)^2 per position, chunked; no temperature, as the reference.")
+CHUNKED_LOGIT_LOSSES = {"forward_kl": chunked_forward_kl, "reverse_kl": chunked_reverse_kl,
+                        "jsd": chunked_generalized_jsd, "mse": chunked_logit_mse}
