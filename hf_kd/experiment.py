@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -26,12 +27,14 @@ import torch
 from transformers import TrainingArguments
 
 from .config import DistillationConfig
-from .report import evaluate, latency, machine, model_card, num_parameters, push_or_dry_run, write_report
+from .report import (evaluate, latency, machine, model_card, num_parameters, push_or_dry_run, teacher_warnings,
+                     write_report)
 from .trainer import DistillationTrainer
 
 __all__ = ["Interrupted", "REPORTED_CONFIG", "baseline_args", "save_and_report", "torch_threads", "train",
            "train_baseline"]
 
+log = logging.getLogger("hf_kd")
 REPORTED_CONFIG = ("temperature", "alpha_task", "kd_weight", "kd_loss", "hidden_weight", "hidden_loss", "learning_rate",
                    "max_steps", "seed", "per_device_train_batch_size", "gradient_accumulation_steps")
 
@@ -140,8 +143,10 @@ def save_and_report(trainer: DistillationTrainer, *, teacher, task: str, teacher
         "student_layers": getattr(student.config, "hf_kd_teacher_layers", None),
         "layer_scores": getattr(student.config, "hf_kd_layer_scores", None),
         "config": {k: getattr(args, k) for k in REPORTED_CONFIG},
-        "notes": notes or [],
+        "notes": notes or [], "warnings": teacher_warnings(metrics),
     }
+    for warning in report["warnings"]:
+        log.warning(warning)
     write_report(out, report, histories)
     model_card(out, report, args)
     if push:

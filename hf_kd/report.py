@@ -145,9 +145,28 @@ def _fmt(v):
     return str(v)
 
 
+HEADLINE = (("accuracy", True), ("perplexity", False), ("cosine_to_teacher", True))  # (metric, higher is better)
+
+
+def teacher_warnings(metrics: dict) -> list[str]:
+    """A warning when the teacher is no better than the same student trained without it (then distillation has
+    nothing to add, and a distilled student that loses to the baseline is expected, not a bug)."""
+    teacher, baseline = metrics.get("teacher", {}), metrics.get("baseline_no_teacher", {})
+    for name, higher in HEADLINE:
+        if name in teacher and name in baseline:
+            t, b = teacher[name], baseline[name]
+            if (t <= b) if higher else (t >= b):
+                return [f"the teacher ({name} {t:.4g}) is no better than the student trained without it ({name} "
+                        f"{b:.4g}): distillation cannot be expected to help; train the teacher longer or pick a "
+                        "stronger one"]
+            return []
+    return []
+
+
 def markdown(report: dict) -> str:
-    """Human-readable report: sizes and speed, then one row of metrics per model."""
+    """Human-readable report: sizes and speed, warnings, then one row of metrics per model."""
     lines = [f"# Distillation report: {report['task']}", "",
+             *[f"> **Warning:** {w}\n" for w in report.get("warnings", [])],
              f"- teacher: `{report['teacher']}` ({report['teacher_parameters']:,} parameters)",
              f"- student: {report['student_parameters']:,} parameters, compression {report['compression_ratio']:.2f}x",
              f"- inference speedup: {report['speedup']:.2f}x (median forward, {report['speed_input']})",

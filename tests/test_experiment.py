@@ -21,3 +21,18 @@ def test_baseline_args_turn_every_teacher_term_off(tmp_path):
     assert (base.max_steps, base.learning_rate, base.seed) == (7, 1e-3, 3)  # same run otherwise
     assert base.output_dir == str(tmp_path / "base") and base.save_strategy == "no" and not base.push_to_hub
     assert args.kd_weight == 0.5 and args.output_dir == str(tmp_path / "kd")  # the original is untouched
+
+
+def test_report_flags_a_teacher_no_better_than_the_baseline():
+    from hf_kd.report import markdown, teacher_warnings
+    worse = {"teacher": {"accuracy": 0.80}, "baseline_no_teacher": {"accuracy": 0.81}}
+    (warning,) = teacher_warnings(worse)
+    assert "no better" in warning and "0.8" in warning and "0.81" in warning
+    assert teacher_warnings({"teacher": {"accuracy": 0.9}, "baseline_no_teacher": {"accuracy": 0.81}}) == []
+    assert teacher_warnings({"teacher": {"perplexity": 40.0}, "baseline_no_teacher": {"perplexity": 39.0}})
+    assert teacher_warnings({"teacher": {"perplexity": 38.0}, "baseline_no_teacher": {"perplexity": 39.0}}) == []
+    assert teacher_warnings({"teacher": {"accuracy": 0.9}}) == []  # no baseline: nothing to compare
+    report = {"task": "classification", "teacher": "t", "teacher_parameters": 10, "student_parameters": 5,
+              "compression_ratio": 2.0, "speedup": 1.5, "speed_input": "x", "data": "d", "machine": "m",
+              "metrics": worse, "warnings": teacher_warnings(worse)}
+    assert "**Warning:** the teacher (accuracy 0.8)" in markdown(report)
