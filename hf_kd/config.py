@@ -94,6 +94,13 @@ class DistillationConfig(TrainingArguments):
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder made by `hf-kd cache-teacher`: "
                                       "train from the teacher's cached top-k with no teacher in memory (forward_kl "
                                       "only, same temperature; train_dataset defaults to the cache)."})
+    teacher_weights: str = field(default="uniform", metadata={"help": "Several teachers (teacher_model= a list or a "
+                                 "mapping): how their softened outputs are mixed into one target: 'uniform', fixed "
+                                 "weights '0.7,0.3', 'learned' (softmax of trainable logits, logged; kd_impl='full'), "
+                                 "'confidence' (per example: each teacher's probability of the true label) or "
+                                 "'entropy' (per example: sharper teachers count more)."})
+    teacher_temperatures: str | None = field(default=None, metadata={"help": "Several teachers: one temperature per "
+                                             "teacher, e.g. '2,4' (default: temperature for all)."})
     hint_weight: float = field(default=0.0, metadata={"help": "Weight of FitNets hints (Romero et al. 2015) on "
                                "hint_layers, through learned adapters (Linear for token states, 1x1 conv + BatchNorm "
                                "for feature maps)."})
@@ -174,6 +181,12 @@ class DistillationConfig(TrainingArguments):
             parse_module_pairs(getattr(self, layers), layers)
             if getattr(self, weight) > 0 and not getattr(self, layers):
                 raise ValueError(f"{weight} > 0 needs {layers} ('teacher.module:student.module,...')")
+        if self.teacher_weights not in ("uniform", "learned", "confidence", "entropy"):
+            try:
+                [float(w) for w in self.teacher_weights.split(",")]
+            except ValueError:
+                raise ValueError(f"teacher_weights {self.teacher_weights!r}: 'uniform', 'learned', 'confidence', "
+                                 "'entropy' or comma-separated numbers such as '0.7,0.3'") from None
         if self.attention_loss not in ("kl", "mse"):
             raise ValueError(f"attention_loss must be 'kl' or 'mse', got {self.attention_loss!r}")
         if not 0.0 <= self.hint_first_stage < 1.0:

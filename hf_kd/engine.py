@@ -38,9 +38,9 @@ def logit_needs(impl: str, side: str, kd: bool, task: bool) -> Needs:
 
 
 class LogitEngine:
-    def __init__(self, impl: str, task: str, student: nn.Module, teacher: nn.Module | None, *,
-                 chunk_size: int = 0, vocab_limit: int | None = None):
-        self.impl, self.task, self.student, self.teacher = impl, task, student, teacher
+    def __init__(self, impl: str, task: str, student: nn.Module, teachers: dict, *, chunk_size: int = 0,
+                 vocab_limit: int | None = None):
+        self.impl, self.task, self.student, self.teachers = impl, task, student, teachers
         self.chunk_size, self.vocab_limit = chunk_size, vocab_limit
 
     def __call__(self, ctx: Context, task_term, kd_term) -> tuple[Tensor, dict]:
@@ -66,7 +66,8 @@ class LogitEngine:
         temperature, mask = sig.temperature.value(ctx.step, ctx.total_steps), ctx.masks["kd"]
         if ctx.extra.get("cache"):
             return cached_kl_sum(ctx.student.logits, ctx.extra["cache"], mask, self.task, temperature)
-        s, t = predicting(ctx.student.logits, self.task), predicting(ctx.teacher.logits, self.task)
+        target = sig.target_logits(ctx, self.vocab_limit)
+        s, t = predicting(ctx.student.logits, self.task), predicting(target, self.task)
         if self.vocab_limit is not None:
             s, t = s[..., :self.vocab_limit], t[..., :self.vocab_limit]
         extra = {"beta": sig.beta} if sig.kind == "jsd" else {}
@@ -108,7 +109,7 @@ class LogitEngine:
             kw["teacher_topk"] = tuple(cache[c].reshape(n, -1).squeeze(-1) if c == CACHE_COLUMNS[2]
                                        else cache[c].reshape(n, -1) for c in CACHE_COLUMNS)
         else:
-            kw["teacher_logits"] = ctx.teacher.logits.reshape(n, -1)
+            kw["teacher_logits"] = sig.target_logits(ctx, self.vocab_limit).reshape(n, -1)
         return kw
 
     # ---- fused: logits from the last hidden states, chunk by chunk ---------------------------------------------
@@ -119,8 +120,9 @@ class LogitEngine:
         kw = {}
         if kd_term is not None:
             sig = kd_term[0]
-            wt, bt = lm_head_of(self.teacher)
-            kw = dict(teacher_hidden=ctx.teacher.last_hidden.reshape(b * t, -1), teacher_head_weight=wt,
+            (name,) = sig.teacher_names(ctx.default_teacher)  # one teacher: a mixture needs its logits
+            wt, bt = lm_head_of(self.teachers[name])
+            kw = dict(teacher_hidden=ctx.teachers[name].last_hidden.reshape(b * t, -1), teacher_head_weight=wt,
                       teacher_head_bias=bt, kind=sig.kind, beta=sig.beta,
                       temperature=sig.temperature.value(ctx.step, ctx.total_steps),
                       mask=padded_to_length(ctx.masks["kd"].to(hs.device), False).reshape(-1))

@@ -52,7 +52,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.task = task_of(model)
         self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)
-        self.kd_vocab, cache_meta = None, None
+        self.kd_vocab, cache_meta, teachers = None, None, {}
         if args.teacher_cache is not None:
             dataset, cache_meta = load_teacher_cache(args.teacher_cache)
             kwargs.setdefault("train_dataset", dataset)
@@ -60,24 +60,42 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
             if args.should_save:
                 reliability.check_output_dir(args.output_dir)
-            if isinstance(teacher_model, (str, os.PathLike)):
-                teacher_model = load_teacher(str(teacher_model), self.task)
-            check_pair(student, teacher_model, self.task, args)
-            if self.task != "classification":
-                self.kd_vocab = shared_vocab(student, teacher_model, kwargs.get("processing_class"))
-        self.signals = self._build_signals(args, teacher_model, student, signals or [], cache_meta)
+            teachers = self._load_teachers(teacher_model, student, args, kwargs.get("processing_class"))
+        self.default_teacher = next(iter(teachers), "teacher")
+        self.signals = self._build_signals(args, teachers, student, signals or [], cache_meta)
         self._attach_signals(model, student)
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        self.engine = LogitEngine(self.kd_impl, self.task, model, self.teacher, chunk_size=args.kd_chunk_size,
+        self.teachers = {name: self._prepare_teacher(t) for name, t in teachers.items()}
+        self.teacher = self.teachers.get(self.default_teacher)  # the default (first) teacher
+        self.engine = LogitEngine(self.kd_impl, self.task, model, self.teachers, chunk_size=args.kd_chunk_size,
                                   vocab_limit=self.kd_vocab)
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._batches = {"train": 0, "eval": 0}
         self._reliability_init()
 
+    def _load_teachers(self, teacher_model, student, args, tokenizer) -> dict:
+        """``teacher_model``: a model, a folder / Hub id, or several of them (a list, or a name -> model mapping);
+        each is loaded and checked against the student; returns {name: model}."""
+        if isinstance(teacher_model, dict):
+            teachers = dict(teacher_model)
+        elif isinstance(teacher_model, (list, tuple)):
+            teachers = {f"teacher{i}": t for i, t in enumerate(teacher_model)}
+        else:
+            teachers = {"teacher": teacher_model}
+        if not teachers:
+            raise ValueError("teacher_model is an empty collection: pass at least one teacher")
+        for name, t in teachers.items():
+            if isinstance(t, (str, os.PathLike)):
+                teachers[name] = t = load_teacher(str(t), self.task)
+            check_pair(student, t, self.task, args)
+            if self.task != "classification":
+                vocab = shared_vocab(student, t, tokenizer)
+                self.kd_vocab = vocab if self.kd_vocab is None or vocab is None else min(vocab, self.kd_vocab)
+        return teachers
+
     # ---- the signals ----------------------------------------------------------------------------------------
-    def _build_signals(self, args, teacher, student, extra: list, cache_meta) -> nn.ModuleList:
-        built = from_config(args, self.task, teacher, student) + list(extra)
+    def _build_signals(self, args, teachers: dict, student, extra: list, cache_meta) -> nn.ModuleList:
+        built = from_config(args, self.task, teachers, student) + list(extra)
         names = [s.name for s in built]
         if len(set(names)) != len(names):
             raise ValueError(f"signal names must be unique, got {names}")
@@ -87,13 +105,19 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             if cache_meta is not None and not (s.teacher_free or s.logit):
                 raise ValueError(f"teacher_cache: signal {s.name!r} needs the teacher in memory (a cache holds only "
                                  "its top-k output distribution): drop it or train online")
+            unknown = [n for n in s.teacher_names(self.default_teacher) if teachers and n not in teachers]
+            if unknown:
+                raise ValueError(f"signal {s.name!r} reads teacher(s) {unknown}; the teachers are {list(teachers)}")
+            if getattr(s, "mixing", None) == "learned" and self.kd_impl != "full":
+                raise ValueError("learned teacher weights are trained through the KD loss's target, which the "
+                                 f"{self.kd_impl} path treats as a constant: set kd_impl='full'")
+            teacher = teachers.get(s.teacher or self.default_teacher)
             if teacher is None and not s.teacher_free and not s.logit:
                 raise ValueError(f"signal {s.name!r} needs a teacher")
             s.check(teacher, student)
             if (s.needs("teacher") | s.needs("student")).attentions:
-                for m in (teacher, student):
-                    if m is not None:
-                        capture.use_eager_attention(m)
+                for m in (*[teachers[n] for n in s.teacher_names(self.default_teacher) if n in teachers], student):
+                    capture.use_eager_attention(m)
             if s.needs("student").grads:  # a double backward: SDPA / flash kernels have no second derivative
                 capture.use_eager_attention(student)
         if cache_meta is not None:
@@ -159,9 +183,10 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         labels, cache = inputs.get("labels"), {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
         self._check_batch(active, labels, cache)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        teachers, student = self._passes(model, model_inputs, labels, active, bool(cache))
         ctx = Context(self.task, model_inputs, labels, position_masks(inputs, self.task, self.args.kd_positions),
-                      None, None, step, total, {"cache": cache})
-        ctx.teacher, ctx.student = self._passes(model, model_inputs, labels, active, bool(cache))
+                      student, teachers.get(self.default_teacher), step, total, {"cache": cache}, teachers,
+                      self.default_teacher)
         loss, sums = self._logit_terms(ctx, active, weights, counts)
         parts = {name: total / counts[self._signal(name).normalizer] for name, total in sums.items()}
         for s in active:
@@ -191,20 +216,26 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                              "cache as train_dataset (or keep its columns)")
 
     def _passes(self, model, inputs: dict, labels, active: list, cached: bool):
-        """One teacher pass and one student pass, each keeping what the active signals need."""
-        kd = any(s.logit and not s.teacher_free for s in active)
+        """One pass of each teacher that a signal reads (one after another, each keeping only what its signals
+        need) and one student pass: ({name: teacher pass}, student pass)."""
         task = any(s.logit and s.teacher_free for s in active)
-        t_needs = logit_needs(self.kd_impl, "teacher", kd and not cached, task)
+        kd = any(s.logit and not s.teacher_free for s in active)
         s_needs = logit_needs(self.kd_impl, "student", kd, task)
+        t_needs = {}
         for s in active:
+            if s.teacher_free:
+                continue
+            side = logit_needs(self.kd_impl, "teacher", not cached, False) if s.logit else s.needs("teacher")
+            for name in s.teacher_names(self.default_teacher):
+                t_needs[name] = t_needs.get(name, side) | side
             if not s.logit:
-                t_needs, s_needs = t_needs | s.needs("teacher"), s_needs | s.needs("student")
+                s_needs = s_needs | s.needs("student")
         fused = self.kd_impl == "fused"
-        teacher = None
-        if self.teacher is not None and t_needs.any():
-            teacher = capture.run(self.teacher, inputs, t_needs, self.task, teacher=True, fused=fused, labels=labels)
+        teachers = {name: capture.run(self.teachers[name], inputs, needs, self.task, teacher=True, fused=fused,
+                                      labels=labels)
+                    for name, needs in t_needs.items() if name in self.teachers and needs.any()}
         student = capture.run(model, inputs, s_needs, self.task, teacher=False, fused=fused, labels=labels)
-        return teacher, student
+        return teachers, student
 
     def _logit_terms(self, ctx: Context, active: list, weights: dict, counts: dict):
         terms = {}
@@ -238,6 +269,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self._log_skipped(logs, mode)
         if mode == "train":
             logs.update(self._scheduled_values(max(self.state.global_step - 1, 0)))  # what the last step used
+            for s in self.signals:
+                logs.update(s.log_values())
         super().log(logs, start_time)
 
     def _scheduled_values(self, step: int) -> dict:

@@ -17,17 +17,19 @@ from .logits import LogitKD, TaskLoss
 WEIGHT_FIELDS = {"task": "alpha_task", "kd": "kd_weight", "hidden": "hidden_weight", "relation": "relation_weight"}
 
 
-def from_config(args, task: str, teacher, student) -> list[Signal]:
+def from_config(args, task: str, teachers: dict, student) -> list[Signal]:
     """The signals of the config's shorthand fields (alpha_task, kd_weight, hidden_weight, relation_weight, ...),
-    each with its schedule; a term whose weight is 0 throughout is not built. ``teacher`` is None when training
-    from a teacher cache."""
+    each with its schedule; a term whose weight is 0 throughout is not built. ``teachers``: {name: model}, empty
+    when training from a teacher cache; logit KD reads all of them (a mixture, ``teacher_weights``), the feature
+    signals the first."""
     signals = []
+    teacher = next(iter(teachers.values()), None)
     alpha, kd = from_args(args, "alpha_task"), from_args(args, "kd_weight")
     if alpha.peak > 0 and task != ENCODER:
         signals.append(TaskLoss("task", alpha))
     if kd.peak > 0 and task != ENCODER:
         signals.append(LogitKD("kd", kd, kind=args.kd_loss, beta=args.jsd_beta,
-                               temperature=from_args(args, "temperature")))
+                               temperature=from_args(args, "temperature"), **_mixture_of(args, teachers)))
     hidden = from_args(args, "hidden_weight")
     if (hidden.peak > 0 or args.relation_weight > 0) and teacher is not None:
         pairs = layer_pairs_for(args.layer_pairs, teacher, student)
@@ -43,6 +45,22 @@ def from_config(args, task: str, teacher, student) -> list[Signal]:
                          "with the teacher online")
     signals += _feature_signals(args, teacher, student)
     return _first_stage(signals, args.hint_first_stage)
+
+
+def _mixture_of(args, teachers: dict) -> dict:
+    """LogitKD's teacher arguments from teacher_weights / teacher_temperatures (several teachers only)."""
+    if len(teachers) < 2:
+        if args.teacher_weights != "uniform" or args.teacher_temperatures:
+            raise ValueError("teacher_weights / teacher_temperatures need several teachers (teacher_model= a list "
+                             "or a name -> model mapping)")
+        return {}
+    weights, mixing = None, args.teacher_weights
+    if mixing == "uniform":
+        mixing = "fixed"
+    elif mixing not in ("learned", "confidence", "entropy"):
+        weights, mixing = [float(w) for w in mixing.split(",")], "fixed"
+    temperatures = [float(t) for t in args.teacher_temperatures.split(",")] if args.teacher_temperatures else None
+    return dict(teachers=list(teachers), mixing=mixing, teacher_weights=weights, teacher_temperatures=temperatures)
 
 
 def _feature_signals(args, teacher, student) -> list[Signal]:

@@ -31,8 +31,8 @@ class AttentionTransfer(Signal):
 
     normalizer = "examples"
 
-    def __init__(self, name="attention_transfer", weight=1.0, *, pairs, p: float = 2.0):
-        super().__init__(name, weight)
+    def __init__(self, name="attention_transfer", weight=1.0, *, pairs, p: float = 2.0, teacher=None):
+        super().__init__(name, weight, teacher)
         self.pairs, self.p = [tuple(x) for x in pairs], float(p)
         if not self.pairs:
             raise ValueError("attention transfer: give at least one (teacher_module, student_module) pair")
@@ -43,7 +43,7 @@ class AttentionTransfer(Signal):
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         total = 0.0
         for t, s in self.pairs:
-            h_s, h_t = (as_map(h) if h.dim() == 3 else h for h in (ctx.student.modules[s], ctx.teacher.modules[t]))
+            h_s, h_t = (as_map(h) if h.dim() == 3 else h for h in (ctx.student.modules[s], ctx.teacher_for(self).modules[t]))
             total = total + attention_transfer(h_s, h_t, p=self.p, mask=ctx.masks["examples"], reduction="sum")
         return total / len(self.pairs)
 
@@ -53,8 +53,8 @@ class AttentionProbs(Signal):
 
     normalizer = "hidden"
 
-    def __init__(self, name="attention", weight=1.0, *, layers, kind: str = "kl"):
-        super().__init__(name, weight)
+    def __init__(self, name="attention", weight=1.0, *, layers, kind: str = "kl", teacher=None):
+        super().__init__(name, weight, teacher)
         if kind not in ("kl", "mse"):
             raise ValueError(f"attention_loss must be 'kl' or 'mse', got {kind!r}")
         self.layers, self.kind = [tuple(x) for x in layers], kind
@@ -76,7 +76,7 @@ class AttentionProbs(Signal):
         mask = ctx.masks["hidden"]
         total = 0.0
         for t, s in self.layers:
-            a_s, a_t = ctx.student.attentions.get(s), ctx.teacher.attentions.get(t)
+            a_s, a_t = ctx.student.attentions.get(s), ctx.teacher_for(self).attentions.get(t)
             if a_s is None or a_t is None:
                 raise ValueError("attention signal: the model returned no attention probabilities (a model whose "
                                  "attention implementation cannot output them?)")

@@ -43,10 +43,16 @@ class Context:
     labels: torch.Tensor | None
     masks: dict  # hf_kd.align.position_masks
     student: Captured
-    teacher: Captured | None
+    teacher: Captured | None  # the default teacher's pass
     step: int = 0
     total_steps: int = 1
     extra: dict = field(default_factory=dict)  # e.g. the teacher cache's columns
+    teachers: dict = field(default_factory=dict)  # every teacher's pass, by name (several teachers)
+    default_teacher: str = "teacher"
+
+    def teacher_for(self, signal: "Signal") -> Captured | None:
+        """The pass of the teacher ``signal`` reads (its ``teacher`` name, else the default teacher)."""
+        return self.teachers.get(signal.teacher, self.teacher) if signal.teacher else self.teacher
 
 
 class Signal(nn.Module):
@@ -56,8 +62,9 @@ class Signal(nn.Module):
     logit = False  # True for the terms the logit engine computes (task cross-entropy, logit KD)
     teacher_free = False  # True when the term reads the student alone (the task loss)
 
-    def __init__(self, name: str, weight: float | Schedule = 1.0):
+    def __init__(self, name: str, weight: float | Schedule = 1.0, teacher: str | None = None):
         super().__init__()
+        self.teacher = teacher  # which teacher it reads, by name (None: the default, the first one)
         if self.normalizer not in COUNT_KEYS:
             raise ValueError(f"{type(self).__name__}.normalizer {self.normalizer!r} must be one of {COUNT_KEYS}")
         self.name = name
@@ -74,7 +81,16 @@ class Signal(nn.Module):
         raise NotImplementedError
 
     def check(self, teacher: nn.Module | None, student: nn.Module) -> None:
-        """Fail at construction with a message that says what to change (called once by the trainer)."""
+        """Fail at construction with a message that says what to change (called once by the trainer with the
+        teacher this signal reads); build trainable parts here."""
+
+    def teacher_names(self, default: str) -> list[str]:
+        """The teachers whose passes this signal reads."""
+        return [self.teacher or default]
+
+    def log_values(self) -> dict:
+        """Extra values to log with the training logs (e.g. learned teacher weights)."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight}, normalizer={self.normalizer!r}"

@@ -48,8 +48,8 @@ class InputGradient(Signal):
 
     normalizer = "hidden"  # non-padding tokens for text, examples for images
 
-    def __init__(self, name="input_gradient", weight=1.0):
-        super().__init__(name, weight)
+    def __init__(self, name="input_gradient", weight=1.0, teacher=None):
+        super().__init__(name, weight, teacher)
 
     def needs(self, side: str) -> Needs:
         return Needs(input_grad=True)
@@ -58,7 +58,7 @@ class InputGradient(Signal):
         input_width(teacher, student, "input-gradient matching")
 
     def loss_sum(self, ctx: Context) -> torch.Tensor:
-        g_s, g_t = ctx.student.input_grad, ctx.teacher.input_grad
+        g_s, g_t = ctx.student.input_grad, ctx.teacher_for(self).input_grad
         mask = ctx.masks["hidden"]
         if g_s.dim() == 3:  # token embeddings [B, T, D]: per token
             return input_gradient_matching(g_s, g_t, mask=mask, reduction="sum")
@@ -70,8 +70,8 @@ class AdversarialGradient(Signal):
 
     normalizer = "examples"
 
-    def __init__(self, name="great", weight=1.0, *, hidden: int = 64):
-        super().__init__(name, weight)
+    def __init__(self, name="great", weight=1.0, *, hidden: int = 64, teacher=None):
+        super().__init__(name, weight, teacher)
         self.hidden = hidden
         self.discriminator = nn.Sequential()
 
@@ -95,7 +95,7 @@ class AdversarialGradient(Signal):
 
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         mask = ctx.masks["hidden"]
-        f_s, f_t = self._features(ctx.student.input_grad, mask), self._features(ctx.teacher.input_grad, mask)
+        f_s, f_t = self._features(ctx.student.input_grad, mask), self._features(ctx.teacher_for(self).input_grad, mask)
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         fool = great_generator_loss(functional_call(self.discriminator, frozen, (f_s,)).squeeze(-1), reduction="sum")
         tell = great_discriminator_loss(self.discriminator(f_t).squeeze(-1),
@@ -111,8 +111,8 @@ class FeatureGradient(Signal):
 
     normalizer = "hidden"
 
-    def __init__(self, name="feature_gradient", weight=1.0, *, pairs):
-        super().__init__(name, weight)
+    def __init__(self, name="feature_gradient", weight=1.0, *, pairs, teacher=None):
+        super().__init__(name, weight, teacher)
         self.pairs = [tuple(p) for p in pairs]
         if not self.pairs:
             raise ValueError("feature-gradient signal: give at least one (teacher_module, student_module) pair")
@@ -128,7 +128,7 @@ class FeatureGradient(Signal):
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         mask, total = ctx.masks["hidden"], 0.0
         for adapter, (t, s) in zip(self.adapters, self.pairs):
-            g_s, g_t = ctx.student.module_grads[s], ctx.teacher.module_grads[t]
+            g_s, g_t = ctx.student.module_grads[s], ctx.teacher_for(self).module_grads[t]
             if g_s.dim() == 4 or g_t.dim() == 4:
                 g_s, g_t = (as_map(g) if g.dim() == 3 else g for g in (g_s, g_t))
                 g_s, g_t = match_spatial(adapter(g_s), g_t)

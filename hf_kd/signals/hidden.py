@@ -54,8 +54,8 @@ def build_projections(pairs, teacher_config, student_config, use_projection: boo
 
 
 class _LayerMapSignal(Signal):
-    def __init__(self, name, weight, pairs):
-        super().__init__(name, weight)
+    def __init__(self, name, weight, pairs, teacher=None):
+        super().__init__(name, weight, teacher)
         self.pairs = [tuple(p) for p in pairs]
         if not self.pairs:
             raise ValueError(f"signal {name!r} needs at least one teacher:student layer pair")
@@ -72,8 +72,9 @@ class HiddenStates(_LayerMapSignal):
 
     normalizer = "hidden"
 
-    def __init__(self, name="hidden", weight=1.0, *, pairs, loss="cosine", projections: nn.ModuleList | None = None):
-        super().__init__(name, weight, pairs)
+    def __init__(self, name="hidden", weight=1.0, *, pairs, loss="cosine", projections: nn.ModuleList | None = None,
+                 teacher=None):
+        super().__init__(name, weight, pairs, teacher)
         if loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss {loss!r} unknown; choose one of {sorted(HIDDEN_LOSSES)}")
         self.loss = loss
@@ -83,7 +84,7 @@ class HiddenStates(_LayerMapSignal):
         fn, mask = HIDDEN_LOSSES[self.loss], ctx.masks["hidden"]
         total = 0.0
         for proj, (t, s) in zip(self.projections, self.pairs):
-            h_s, h_t = proj(ctx.student.hidden[s]), ctx.teacher.hidden[t]
+            h_s, h_t = proj(ctx.student.hidden[s]), ctx.teacher_for(self).hidden[t]
             if h_s.dim() != 3 or h_s.shape != h_t.shape:
                 raise ValueError(f"hidden states {t}:{s} have shapes {tuple(h_t.shape)} (teacher) and "
                                  f"{tuple(h_s.shape)} (student): hidden losses need [batch, tokens, width] "
@@ -104,5 +105,5 @@ class SimilarityPreserving(_LayerMapSignal):
     def loss_sum(self, ctx: Context):
         mask = ctx.masks["hidden"]
         mask = mask if mask.dim() == 2 else None  # images: every patch counts
-        return sum(similarity_preserving(pooled(ctx.student.hidden[s], mask), pooled(ctx.teacher.hidden[t], mask))
+        return sum(similarity_preserving(pooled(ctx.student.hidden[s], mask), pooled(ctx.teacher_for(self).hidden[t], mask))
                    for t, s in self.pairs) / len(self.pairs)

@@ -66,8 +66,9 @@ class Hint(Signal):
 
     normalizer = "hidden"
 
-    def __init__(self, name="hint", weight=1.0, *, pairs, normalize: bool = False, adapter: bool = False):
-        super().__init__(name, weight)
+    def __init__(self, name="hint", weight=1.0, *, pairs, normalize: bool = False, adapter: bool = False,
+                 teacher=None):
+        super().__init__(name, weight, teacher)
         self.pairs = [tuple(p) for p in pairs]
         if not self.pairs:
             raise ValueError("hint signal: give at least one (teacher_module, student_module) pair")
@@ -96,5 +97,5 @@ class Hint(Signal):
 
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         mask = ctx.masks["hidden"]
-        return sum(self._pair_sum(a, ctx.student.modules[s], ctx.teacher.modules[t], mask)
+        return sum(self._pair_sum(a, ctx.student.modules[s], ctx.teacher_for(self).modules[t], mask)
                    for a, (t, s) in zip(self.adapters, self.pairs)) / len(self.pairs)
