@@ -101,6 +101,10 @@ class DistillationConfig(TrainingArguments):
                                  "'entropy' (per example: sharper teachers count more)."})
     teacher_temperatures: str | None = field(default=None, metadata={"help": "Several teachers: one temperature per "
                                              "teacher, e.g. '2,4' (default: temperature for all)."})
+    progressive: bool = field(default=False, metadata={"help": "Progressive layer-wise distillation: training is cut "
+                              "into len(layer map) + 1 equal stages; stage i adds hidden-state pair i (each pair its own "
+                              "signal, hidden_<i>, with its projection), the last stage adds the logit terms (KD and "
+                              "task). Needs hidden_weight > 0; resumable mid-stage (the stage follows the step)."})
     hint_weight: float = field(default=0.0, metadata={"help": "Weight of FitNets hints (Romero et al. 2015) on "
                                "hint_layers, through learned adapters (Linear for token states, 1x1 conv + BatchNorm "
                                "for feature maps)."})

@@ -160,3 +160,22 @@ def test_with_transfer_set_marks_unlabelled_rows():
     assert both.column_names == ["input_ids", "labels"]
     with pytest.raises(ValueError, match="lacks columns"):
         with_transfer_set(labelled, Dataset.from_dict({"text": ["x"]}))
+
+
+def test_progressive_layer_wise_stages(tmp_path):
+    """3 layer pairs -> 4 stages over 8 steps: pair i joins at stage i, the logit terms at the last; each pair is
+    its own signal with its own projection; resuming mid-stage continues the same stages (they follow the step)."""
+    teacher, student = pair(student_hidden=16)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=rows(),
+                                  args=tiny_args(tmp_path, max_steps=8, progressive=True, layer_map="0:0,2:1,4:2"))
+    names = [s.name for s in trainer.signals]
+    assert names == ["task", "kd", "hidden_0", "hidden_1", "hidden_2"]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    on = [[k for k in ("hidden_0_loss", "hidden_1_loss", "hidden_2_loss", "kd_loss", "task_loss") if k in h]
+          for h in logs]
+    assert on[0] == ["hidden_0_loss"] and on[2] == ["hidden_0_loss", "hidden_1_loss"]  # step 3: x = 2/7 >= 1/4
+    assert on[-1] == ["hidden_0_loss", "hidden_1_loss", "hidden_2_loss", "kd_loss", "task_loss"]
+    with pytest.raises(ValueError, match="hidden_weight > 0"):
+        DistillationTrainer(model=student, teacher_model=teacher, train_dataset=rows(),
+                            args=tiny_args(tmp_path / "x", progressive=True, hidden_weight=0.0))

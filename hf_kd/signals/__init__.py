@@ -3,6 +3,8 @@ DistillationConfig's shorthand fields ask for."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from ..schedules import Schedule, from_args
 from ..tasks import ENCODER
 from .attention import AttentionProbs, AttentionTransfer
@@ -44,6 +46,8 @@ def from_config(args, task: str, teachers: dict, student) -> list[Signal]:
                          "a cache does not hold: set hidden_weight=0 (and its *_end) and relation_weight=0, or train "
                          "with the teacher online")
     signals += _feature_signals(args, teacher, student)
+    if args.progressive:
+        signals = _progressive(signals)
     return _first_stage(signals, args.hint_first_stage)
 
 
@@ -85,6 +89,24 @@ def _feature_signals(args, teacher, student) -> list[Signal]:
     if out and teacher is None:
         raise ValueError(f"teacher_cache: {', '.join(s.name for s in out)} need the teacher in memory")
     return out
+
+
+def _progressive(signals: list[Signal]) -> list[Signal]:
+    """Progressive layer-wise distillation: the layer map's pairs switched on one stage after another (pair i from
+    stage i of n + 1), the logit terms in the last stage; each pair a HiddenStates signal of its own."""
+    hidden = next((s for s in signals if type(s) is HiddenStates), None)
+    if hidden is None:
+        raise ValueError("progressive=True needs hidden-state distillation: set hidden_weight > 0")
+    if any(s.weight.varies for s in signals):
+        raise ValueError("progressive=True sets the weights' schedules itself: drop weight_schedule")
+    n = len(hidden.pairs)
+    staged = [HiddenStates(f"hidden_{i}", Schedule(0.0, hidden.weight.start, "step", at=i / (n + 1)), pairs=[pair],
+                           loss=hidden.loss, projections=nn.ModuleList([proj]), teacher=hidden.teacher)
+              for i, (pair, proj) in enumerate(zip(hidden.pairs, hidden.projections))]
+    for s in signals:
+        if s.logit:
+            s.weight = Schedule(0.0, s.weight.start, "step", at=n / (n + 1))
+    return [s for s in signals if s is not hidden] + staged
 
 
 def _first_stage(signals: list[Signal], fraction: float) -> list[Signal]:
