@@ -101,6 +101,12 @@ class DistillationConfig(TrainingArguments):
                                  "'entropy' (per example: sharper teachers count more)."})
     teacher_temperatures: str | None = field(default=None, metadata={"help": "Several teachers: one temperature per "
                                              "teacher, e.g. '2,4' (default: temperature for all)."})
+    teacher_checkpoints: str | None = field(default=None, metadata={"help": "Route-constrained optimisation (Jin et "
+                                            "al. 2019): the teacher's own checkpoints, early to final, "
+                                            "'ckpt-a,ckpt-b,final' (save_pretrained folders), used as successive "
+                                            "teachers; loaded into teacher_model in place, one at a time."})
+    teacher_switch_at: str | None = field(default=None, metadata={"help": "Fractions of training where the next "
+                                          "teacher checkpoint takes over, e.g. '0.3,0.6' (default: evenly)."})
     progressive: bool = field(default=False, metadata={"help": "Progressive layer-wise distillation: training is cut "
                               "into len(layer map) + 1 equal stages; stage i adds hidden-state pair i (each pair its own "
                               "signal, hidden_<i>, with its projection), the last stage adds the logit terms (KD and "

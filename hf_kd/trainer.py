@@ -26,6 +26,7 @@ from . import capture, reliability
 from .align import COUNT_KEYS, batch_counts, position_masks
 from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
+from .curriculum import TeacherCurriculum
 from .engine import LogitEngine, logit_needs
 from .pairs import check_pair, load_teacher, shared_vocab, teacher_dtype
 from .signals import WEIGHT_FIELDS, Context, Signal, from_config
@@ -67,11 +68,23 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.teachers = {name: self._prepare_teacher(t) for name, t in teachers.items()}
         self.teacher = self.teachers.get(self.default_teacher)  # the default (first) teacher
+        self.curriculum = self._curriculum(args)
         self.engine = LogitEngine(self.kd_impl, self.task, model, self.teachers, chunk_size=args.kd_chunk_size,
                                   vocab_limit=self.kd_vocab)
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._batches = {"train": 0, "eval": 0}
         self._reliability_init()
+
+    def _curriculum(self, args) -> TeacherCurriculum | None:
+        """teacher_checkpoints: successive teacher weights (route-constrained optimisation), a callback."""
+        if not args.teacher_checkpoints:
+            return None
+        if len(self.teachers) != 1:
+            raise ValueError("teacher_checkpoints is a curriculum of one teacher's checkpoints: pass one teacher_model")
+        switch = [float(x) for x in args.teacher_switch_at.split(",")] if args.teacher_switch_at else None
+        curriculum = TeacherCurriculum(self.teacher, args.teacher_checkpoints.split(","), switch)
+        self.add_callback(curriculum)
+        return curriculum
 
     def _load_teachers(self, teacher_model, student, args, tokenizer) -> dict:
         """``teacher_model``: a model, a folder / Hub id, or several of them (a list, or a name -> model mapping);
@@ -271,6 +284,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             logs.update(self._scheduled_values(max(self.state.global_step - 1, 0)))  # what the last step used
             for s in self.signals:
                 logs.update(s.log_values())
+            if self.curriculum is not None:
+                logs["teacher_checkpoint"] = self.curriculum.stage(max(self.state.global_step - 1, 0),
+                                                                   self.state.max_steps)
         super().log(logs, start_time)
 
     def _scheduled_values(self, step: int) -> dict:
