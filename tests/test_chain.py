@@ -1,0 +1,49 @@
+"""Teacher-assistant chains: the geometric-mean assistant size against brute force, and a two-stage chain that
+trains each stage, leaves the teacher untouched, and resumes stage by stage."""
+
+import math
+import os
+
+import torch
+
+from hf_kd import make_student
+from hf_kd.chain import assistant_layers, distill_chain
+
+from .scripts.tiny import args, llama, one_thread, rows  # noqa: F401  (one_thread: autouse fixture)
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_assistant_size_is_the_geometric_mean_by_brute_force():
+    teacher = llama(hidden=32, layers=8)
+    for student_layers in (1, 2):
+        student = make_student(teacher, num_layers=student_layers)
+        target = math.sqrt(count(teacher) * count(student))
+        sizes = {n: count(make_student(teacher, num_layers=n)) for n in range(1, 9)}
+        best = min(sizes, key=lambda n: abs(sizes[n] - target))
+        assert assistant_layers(teacher, count(student)) == best
+        assert student_layers < best < 8
+
+
+def test_chain_trains_each_stage_and_resumes(tmp_path):
+    teacher = llama(layers=4)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assistant = make_student(teacher, num_layers=assistant_layers(teacher, count(make_student(teacher, num_layers=1))))
+    student = make_student(assistant, num_layers=1)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    a = args(tmp_path, max_steps=2, hidden_weight=0.0)
+    trainers = distill_chain(teacher, [assistant, student], a, train_dataset=rows())
+    assert [t.state.global_step for t in trainers] == [2, 2]
+    assert trainers[1].teacher is assistant  # the assistant taught the student
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in initial.items())
+    for i in (0, 1):
+        assert os.path.isfile(tmp_path / f"stage_{i}" / "hf_kd_stage.json")
+    # a rerun finds both stages done: nothing is trained, the saved students are loaded
+    fresh = make_student(make_student(teacher, num_layers=2), num_layers=1)
+    again = distill_chain(teacher, [make_student(teacher, num_layers=2), fresh], a, train_dataset=rows())
+    assert again == [None, None]
+    trained = {k: v for k, v in student.state_dict().items() if not k.startswith("hf_kd_signals")}
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())
