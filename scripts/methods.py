@@ -46,20 +46,23 @@ PAIRS = {"resnet": "vit.layers.1:resnet.encoder.stages.0,vit.layers.3:resnet.enc
          "vit": "vit.layers.1:vit.layers.0,vit.layers.3:vit.layers.1"}
 KD = dict(alpha_task=0.5, kd_weight=0.5, temperature=4.0, kd_loss="forward_kl")  # the recipe's logit KD
 BOTH, VIT, REG = ("resnet", "vit"), ("vit",), ("resnet",)
-# name: (students, weight field or None, default weight, fixed fields; a callable gets the student kind)
+# name: (students, weight field or None, weight per student (chosen by the validation pilot,
+# results/methods_pilot.json), fixed fields; a callable gets the student kind)
 METHODS = {
     "baseline": (BOTH, None, None, dict(alpha_task=1.0, kd_weight=0.0)),
     "kd": (BOTH, None, None, {}),
-    "hidden": (VIT, "hidden_weight", 1.0, dict(hidden_loss="cosine", use_projection=True)),
-    "hints": (BOTH, "hint_weight", 1.0, lambda s: dict(hint_layers=PAIRS[s])),
-    "hints_norm": (BOTH, "hint_weight", 1.0, lambda s: dict(hint_layers=PAIRS[s], hint_normalize=True)),
-    "hints_stage": (BOTH, "hint_weight", 1.0, lambda s: dict(hint_layers=PAIRS[s], hint_first_stage=0.3)),
-    "at": (BOTH, "at_weight", 10.0, lambda s: dict(at_layers=PAIRS[s])),
-    "attention": (VIT, "attention_weight", 1.0, dict(attention_layers="1:0,3:1", attention_loss="kl")),
+    "hidden": (VIT, "hidden_weight", dict(vit=10.0), dict(hidden_loss="cosine", use_projection=True)),
+    "hints": (BOTH, "hint_weight", dict(resnet=0.3, vit=3.0), lambda s: dict(hint_layers=PAIRS[s])),
+    "hints_norm": (BOTH, "hint_weight", dict(resnet=0.3, vit=10.0),
+                   lambda s: dict(hint_layers=PAIRS[s], hint_normalize=True)),
+    "hints_stage": (BOTH, "hint_weight", dict(resnet=0.3, vit=3.0),  # the weight of "hints"; stage not piloted
+                    lambda s: dict(hint_layers=PAIRS[s], hint_first_stage=0.3)),
+    "at": (BOTH, "at_weight", dict(resnet=1.0, vit=100.0), lambda s: dict(at_layers=PAIRS[s])),
+    "attention": (VIT, "attention_weight", dict(vit=100.0), dict(attention_layers="1:0,3:1", attention_loss="kl")),
     "kd_eager": (VIT, None, None, {}),  # plain KD with both models on eager attention: the cost of the switch
-    "relation": (BOTH, "relation_weight", 1.0, {}),
-    "input_grad": (BOTH, "input_grad_weight", 10.0, {}),
-    "great": (BOTH, "great_weight", 0.1, {}),
+    "relation": (BOTH, "relation_weight", dict(resnet=300.0, vit=300.0), {}),  # ResNet: refused by hf_kd
+    "input_grad": (BOTH, "input_grad_weight", dict(resnet=100.0, vit=10.0), {}),
+    "great": (BOTH, "great_weight", dict(resnet=0.1, vit=0.01), {}),
     "multiview": (BOTH, None, None, {}),  # KD on MultiViewCollator(random_shift(2), views=2)
     "baseline_multiview": (BOTH, None, None, dict(alpha_task=1.0, kd_weight=0.0)),  # the same views, no teacher
     "reg_baseline": (REG, None, None, dict(alpha_task=1.0, kd_weight=0.0)),  # regression: MSE on the target
@@ -77,7 +80,7 @@ def method_fields(spec: str, student: str) -> dict:
         raise KeyError(f"{name} does not apply to the {student} student")
     fields = {**KD, "hidden_weight": 0.0, **(fixed(student) if callable(fixed) else fixed)}
     if field:
-        fields[field] = float(weight) if weight else default
+        fields[field] = float(weight) if weight else default[student]
     elif weight:
         raise ValueError(f"method {name!r} has no weight to set ({spec!r})")
     return fields
@@ -272,8 +275,12 @@ def merge(path: str, rows: dict | None = None, meta: dict | None = None) -> dict
 def machine_info() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    import subprocess
     import transformers
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"git_head": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_hf_kd": git("status", "--porcelain", "--", "hf_kd").splitlines(), "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -291,6 +298,7 @@ def parse_args(argv=None):
     p.add_argument("--rerun", action="store_true", help="train rows already in --out again")
     p.add_argument("--out", default="results/methods.json")
     p.add_argument("--render", default=None, help="write this Markdown report from --out")
+    p.add_argument("--pilot", default=None, help="with --render: also show this weight pilot (validation rows)")
     return p.parse_args(argv)
 
 
@@ -308,6 +316,7 @@ def main(argv=None) -> dict:
             if st in METHODS[m.partition("@")[0]][0]]
     doc = load(a.out)
     todo = [t for t in todo if a.rerun or row_key(a.eval_split, t[0], t[1], t[2], a.steps) not in doc["rows"]]
+    info = machine_info()  # before training: the library as this process imported it
     if todo:
         env["data"] = splits(make_processor())
     for student, spec, seed in todo:
@@ -326,16 +335,17 @@ def main(argv=None) -> dict:
             f"{k} {row[k]:.4f}" for k in ("accuracy", "mse", "r2", "step_seconds") if row.get(k) is not None))
             + f" ({row['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.2f})", flush=True)
     if ran:
-        merge(a.out, meta={"machine": machine_info(), "runs": [{
+        merge(a.out, meta={"machine": info, "runs": [{
             "command": "python scripts/methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "rows": ran, "wall_seconds": round(time.perf_counter() - start, 1), "threads": a.threads,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "process": env["process"]}]})
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "process": env["process"], "git_head": info["git_head"],
+            "uncommitted_hf_kd": info["uncommitted_hf_kd"]}]})
     doc = load(a.out)
     if a.render:
         from methods_report import render
         os.makedirs(os.path.dirname(os.path.abspath(a.render)), exist_ok=True)
         with open(a.render, "w") as f:
-            f.write(render(doc, a.out))
+            f.write(render(doc, a.out, load(a.pilot) if a.pilot else None))
     return doc
 
 

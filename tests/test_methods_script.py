@@ -31,6 +31,7 @@ def test_thickness_of_a_bar(methods):
 
 def test_method_fields(methods):
     assert methods.method_fields("at@30", "vit")["at_weight"] == 30.0
+    assert methods.method_fields("at", "vit")["at_weight"] == methods.METHODS["at"][2]["vit"]
     assert methods.method_fields("at", "resnet")["at_layers"] == methods.PAIRS["resnet"]
     assert methods.method_fields("baseline", "vit")["kd_weight"] == 0.0
     with pytest.raises(KeyError):
@@ -49,7 +50,8 @@ def test_two_steps_rows_resume_and_render(methods, tmp_path):
         assert row["steps"] == 2 and row["threads"] == 1 and row["step_seconds"] > 0 and row["load_mean"] >= 0
     kd, at, reg = rows["test|resnet|kd|0|2"], rows["test|resnet|at|0|2"], rows["test|resnet|reg_kd|0|2"]
     assert kd["examples"] == 100 and 0 <= kd["accuracy"] <= 1 and 0 <= kd["teacher_accuracy"] <= 1
-    assert at["fields"] == {"at_weight": 10.0, "at_layers": methods.PAIRS["resnet"]}
+    w = methods.METHODS["at"][2]["resnet"]
+    assert at["fields"] == {"at_weight": w, "at_layers": methods.PAIRS["resnet"]}
     assert reg["fields"] == {"alpha_task": 1.0, "kd_weight": 1.0, "kd_loss": "mse"} and reg["mse"] > 0
     assert reg["r2"] <= 1 and reg["teacher_r2"] <= 1 and reg["teacher_mse"] > 0
     assert "attention_transfer_loss" in at["log_last"] and "kd_loss" in kd["log_last"]
@@ -58,7 +60,7 @@ def test_two_steps_rows_resume_and_render(methods, tmp_path):
     text = md.read_text()
     assert f"| plain KD (logits) | - | {kd['accuracy']:.4f} ± 0.0000 (seeds [0]) |" in text
     d = at["accuracy"] - kd["accuracy"]
-    assert f"| KD + spatial attention transfer | at 10 | {at['accuracy']:.4f} ± 0.0000 (seeds [0]) | {d:+.3f} " in text
+    assert f"| KD + spatial attention transfer | at {w:g} | {at['accuracy']:.4f} ± 0.0000 (seeds [0]) | {d:+.3f} " in text
     assert f"{reg['mse']:.4f} ± 0.0000" in text
     assert "python scripts/methods.py --quick --steps 2" in text and "cores, torch" in text
     assert not re.search(r"\bNone\b|\bnan\b|\{", text)
