@@ -65,3 +65,17 @@ def distill_chain(teacher: nn.Module, students: list[nn.Module], args: Distillat
             trainers.append(trainer)
         teacher = student
     return trainers
+
+
+def born_again(teacher: nn.Module, new_model, generations: int, args: DistillationConfig, **trainer_kwargs) -> list:
+    """Born-again networks (Furlanello et al. 2018): generation k+1, a fresh model of the same architecture
+    (``new_model()``), learns from generation k, for ``generations`` generations starting from ``teacher``; a
+    :func:`distill_chain` whose students are all ``new_model()``. Returns (students, trainers)."""
+    if generations < 1:
+        raise ValueError(f"generations must be >= 1, got {generations}")
+    students = [new_model() for _ in range(generations)]
+    shapes = {tuple((k, tuple(v.shape)) for k, v in m.state_dict().items()) for m in [teacher, *students]}
+    if len(shapes) != 1:
+        raise ValueError("born-again generations share the teacher's architecture: new_model() must build a model "
+                         "shaped like the teacher")
+    return students, distill_chain(teacher, students, args, **trainer_kwargs)

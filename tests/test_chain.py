@@ -4,6 +4,7 @@ trains each stage, leaves the teacher untouched, and resumes stage by stage."""
 import math
 import os
 
+import pytest
 import torch
 
 from hf_kd import make_student
@@ -47,3 +48,15 @@ def test_chain_trains_each_stage_and_resumes(tmp_path):
     assert again == [None, None]
     trained = {k: v for k, v in student.state_dict().items() if not k.startswith("hf_kd_signals")}
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())
+
+
+def test_born_again_generations(tmp_path):
+    from hf_kd.chain import born_again
+    teacher = llama(layers=2, seed=0)
+    students, trainers = born_again(teacher, lambda: llama(layers=2, seed=7), 2, args(tmp_path, max_steps=2),
+                                    train_dataset=rows())
+    assert len(students) == 2 and trainers[1].teacher is students[0]  # generation 2 learned from generation 1
+    first, second = (s.model.layers[0].mlp.up_proj.weight for s in students)
+    assert not torch.equal(first, second)  # each generation trained on its own
+    with pytest.raises(ValueError, match="architecture"):
+        born_again(teacher, lambda: llama(layers=3), 1, args(tmp_path / "x"), train_dataset=rows())
