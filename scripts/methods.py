@@ -210,7 +210,9 @@ def run_one(spec: str, student_kind: str, seed: int, env: dict) -> dict:
         seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    if regression:
+    if env.get("timing_only"):
+        metrics = {}
+    elif regression:
         metrics = regression_metrics(student, ex, ey)
         metrics.update({f"teacher_{k}": v for k, v in regression_metrics(teacher, ex, ey).items()})
     else:
@@ -227,6 +229,22 @@ def run_one(spec: str, student_kind: str, seed: int, env: dict) -> dict:
             "log_first": logged[0] if logged else None, "log_last": logged[-1] if logged else None}
 
 
+def run_timing(spec: str, student: str, env: dict, rounds: int, steps: int) -> dict:
+    """Step time of ``spec`` against its reference (plain KD; reg_baseline for regression) in alternating short
+    runs of ``steps`` steps, ``rounds`` times, so both see the same load; the ratio is the median over rounds."""
+    ref = "reg_baseline" if spec.startswith("reg_") else "kd"
+    ref_t, t, loads = [], [], []
+    for _ in range(rounds):
+        for name, times in ((ref, ref_t), (spec, t)):
+            row = run_one(name, student, 0, {**env, "steps": steps, "timing_only": True})
+            times.append(row["step_seconds"])
+            loads.append(row["load_mean"])
+    ratios = [a / b for a, b in zip(t, ref_t)]
+    return {"reference": ref, "ratio": statistics.median(ratios), "ratios": ratios, "step_seconds": t,
+            "reference_step_seconds": ref_t, "loads": loads, "load_mean": statistics.mean(loads),
+            "threads": torch.get_num_threads(), "process": env["process"]}
+
+
 def _regression_config(student):
     config = copy.deepcopy(student.config)
     config.num_labels, config.problem_type = 1, "regression"
@@ -241,7 +259,8 @@ def row_key(split, student, spec, seed, steps) -> str:
 
 @contextlib.contextmanager
 def locked(path: str):
-    with open(path + ".lock", "a") as lock:
+    name = "hf_kd_methods_" + os.path.abspath(path).replace(os.sep, "_") + ".lock"  # beside nothing in the repo
+    with open(os.path.join(tempfile.gettempdir(), name), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -294,6 +313,8 @@ def parse_args(argv=None):
     p.add_argument("--train_images", type=int, default=1000)
     p.add_argument("--eval_images", type=int, default=0, help="0 = the whole split")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timing", default=None, metavar="ROUNDSxSTEPS", help="instead of training to the end: time "
+                   "each method against plain KD in alternating runs, e.g. 3x60 (rows 'timing|student|method')")
     p.add_argument("--quick", action="store_true", help="the one-epoch smoke-test teachers (tests)")
     p.add_argument("--rerun", action="store_true", help="train rows already in --out again")
     p.add_argument("--out", default="results/methods.json")
@@ -312,27 +333,33 @@ def main(argv=None) -> dict:
     env = {"steps": a.steps, "split": a.eval_split, "quick": a.quick, "train_images": a.train_images,
            "eval_images": a.eval_images, "process": f"{platform.node()}:{os.getpid()}:{int(time.time())}"}
     start, ran = time.perf_counter(), 0
-    todo = [(st, m, int(s)) for st in students for m in specs for s in a.seeds.split(",") if s != ""
-            if st in METHODS[m.partition("@")[0]][0]]
+    seeds = [int(s) for s in a.seeds.split(",") if s != ""]
+    if a.timing:  # one timing row per (student, method), keyed like a seed-0 row of the split 'timing'
+        rounds, steps = (int(v) for v in a.timing.lower().split("x"))
+        seeds, split = [0], "timing"
+        specs = [m for m in specs if m not in ("kd", "reg_baseline")]
+    else:
+        rounds, steps, split = 0, a.steps, a.eval_split
+    todo = [(st, m, s) for st in students for m in specs for s in seeds if st in METHODS[m.partition("@")[0]][0]]
     doc = load(a.out)
-    todo = [t for t in todo if a.rerun or row_key(a.eval_split, t[0], t[1], t[2], a.steps) not in doc["rows"]]
+    todo = [t for t in todo if a.rerun or row_key(split, t[0], t[1], t[2], steps) not in doc["rows"]]
     info = machine_info()  # before training: the library as this process imported it
     if todo:
         env["data"] = splits(make_processor())
     for student, spec, seed in todo:
-        key = row_key(a.eval_split, student, spec, seed, a.steps)
+        key = row_key(split, student, spec, seed, steps)
         t0 = time.perf_counter()
         try:
-            row = run_one(spec, student, seed, env)
+            row = run_timing(spec, student, env, rounds, steps) if rounds else run_one(spec, student, seed, env)
         except Exception as e:  # a method hf_kd cannot run: recorded, the others go on
             traceback.print_exc()
             row = {"error": f"{type(e).__name__}: {e}".strip()[:600], "process": env["process"]}
-        row.update(method=spec, student=student, seed=seed, steps=a.steps, split=a.eval_split,
+        row.update(method=spec, student=student, seed=seed, steps=steps, split=split,
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=time.perf_counter() - t0)
         merge(a.out, {key: row})
         ran += 1
         print(f"[methods] {key}: " + (row.get("error") or ", ".join(
-            f"{k} {row[k]:.4f}" for k in ("accuracy", "mse", "r2", "step_seconds") if row.get(k) is not None))
+            f"{k} {row[k]:.4f}" for k in ("accuracy", "mse", "r2", "step_seconds", "ratio") if isinstance(row.get(k), float)))
             + f" ({row['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.2f})", flush=True)
     if ran:
         merge(a.out, meta={"machine": info, "runs": [{

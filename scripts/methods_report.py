@@ -75,16 +75,23 @@ def verdict(diffs: list[float], ref: str, digits: int = 3) -> str:
             f"mean {m:+.{digits}f})")
 
 
-def class_table(student: str, methods: dict) -> list[str]:
+def timing_cell(row: dict | None) -> str:
+    if not row or "error" in row:
+        return "-"
+    return f"{row['ratio']:.2f} ({min(row['ratios']):.2f}-{max(row['ratios']):.2f})"
+
+
+def class_table(student: str, methods: dict, timing: dict) -> list[str]:
     kd, base = methods.get("kd"), methods.get("baseline")
     lines = ["| method | added term (weight) | test accuracy | − plain KD, per seed (mean) | − no teacher, per seed "
-             "(mean) | s/step | × KD | load (1-min) |", "|---|---|---|---|---|---:|---:|---:|"]
+             "(mean) | s/step | × KD, same run | × KD, interleaved | load (1-min) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
     for method in sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         rows = methods[method]
         ok = {s: r for s, r in rows.items() if "error" not in r}
         if not ok:
             err = next(iter(rows.values()))["error"]
-            lines.append(f"| {LABELS.get(method, method)} | - | not run: `{err[:160]}` | | | | | |")
+            lines.append(f"| {LABELS.get(method, method)} | - | not run: `{err[:160]}` | | | | | | |")
             continue
         seeds = sorted(ok)
         acc = [ok[s]["accuracy"] for s in seeds]
@@ -97,7 +104,7 @@ def class_table(student: str, methods: dict) -> list[str]:
         ratio = f"{statistics.mean(ratios):.2f}{'†' if other else ''}" if ratios else "-"
         lines.append(f"| {LABELS.get(method, method)} | {term(ok[seeds[0]])} | {mean_std(acc)} (seeds {seeds}) | "
                      f"{signed(d_kd) if d_kd else '-'} | {signed(d_base) if d_base else '-'} | {step:.4f} | "
-                     f"{ratio} | {min(loads):.1f}-{max(loads):.1f} |")
+                     f"{ratio} | {timing_cell(timing.get((student, method)))} | {min(loads):.1f}-{max(loads):.1f} |")
     return lines
 
 
@@ -150,7 +157,8 @@ def pilot_table(pilot: dict, chosen: dict | None = None) -> list[str]:
 def render(doc: dict, path: str, pilot: dict | None = None) -> str:
     meta, runs = doc.get("meta", {}), doc.get("meta", {}).get("runs", [])
     test = grouped(doc, "test")
-    steps = sorted({r["steps"] for r in doc["rows"].values()})
+    steps = sorted({r["steps"] for r in doc["rows"].values() if r["split"] == "test"})
+    timing = {(r["student"], r["method"]): r for r in doc["rows"].values() if r["split"] == "timing"}
     rows = [r for r in doc["rows"].values() if "error" not in r and r["split"] == "test"]
     loads = [r["load_mean"] for r in rows]
     m = meta.get("machine", {})
@@ -166,18 +174,21 @@ def render(doc: dict, path: str, pilot: dict | None = None) -> str:
            "-> ResNet `resnet.encoder.stages.0` / ViT `vit.layers.0`, `vit.layers.3` -> `stages.1` / `vit.layers.1` "
            "(ViT tokens laid on their 4x4 patch grid); attention probabilities: teacher layers 1, 3 -> student 0, 1. "
            "Weights were chosen on the validation split (pilot below), never on the test split.", "",
-           "Time per step: the median interval between optimizer steps of the run (data, teacher and student passes, "
-           "update), one torch thread; × KD divides it by plain KD's with the same student and seed, measured in "
-           "the same process († marks a ratio whose KD row came from another process). The load column is "
-           "os.getloadavg()'s 1-minute value sampled every 40 steps of each run (min-max over seeds): the machine "
-           "was shared, so absolute times are inflated by the load; ratios measured close together are fairer.", ""]
+           "Time per step: s/step is the median interval between optimizer steps of the accuracy runs (data, "
+           "teacher and student passes, update), mean over seeds, one torch thread. '× KD, same run' divides it by "
+           "plain KD's for the same student and seed (same process; † where KD's row came from another process); "
+           "those runs are minutes apart, and the load of the shared machine moved meanwhile. '× KD, interleaved' "
+           "is the fairer figure: `--timing` alternates short runs of plain KD and the method (same process, "
+           "threads and data), and gives the median ratio over the rounds (min-max in brackets). The load column "
+           "is os.getloadavg()'s 1-minute value sampled every 40 steps of the accuracy runs (min-max over seeds).",
+           ""]
     for student in ("resnet", "vit"):
         if student in test:
             methods = {k: v for k, v in test[student].items() if not k.startswith("reg_")}
             teacher = next((r["teacher_accuracy"] for v in methods.values() for r in v.values()
                             if "teacher_accuracy" in r), None)
             out += [f"## {'ResNet' if student == 'resnet' else 'ViT'} student (teacher test accuracy "
-                    f"{teacher:.3f})" if teacher else f"## {student}", ""] + class_table(student, methods) + [""]
+                    f"{teacher:.3f})" if teacher else f"## {student}", ""] + class_table(student, methods, timing) + [""]
     reg = {k: v for k, v in test.get("resnet", {}).items() if k.startswith("reg_")}
     if reg:
         out += ["## Regression: output matching (stroke thickness)", "",

@@ -65,6 +65,14 @@ def test_two_steps_rows_resume_and_render(methods, tmp_path):
     assert "python scripts/methods.py --quick --steps 2" in text and "cores, torch" in text
     assert not re.search(r"\bNone\b|\bnan\b|\{", text)
 
+    timing = methods.main(["--quick", "--timing", "2x3", "--methods", "kd,at", "--students", "resnet",
+                           "--train_images", "128", "--out", str(out)])["rows"]["timing|resnet|at|0|3"]
+    assert timing["reference"] == "kd" and len(timing["ratios"]) == 2 and len(timing["reference_step_seconds"]) == 2
+    assert timing["ratio"] == pytest.approx(sum(timing["ratios"]) / 2)  # the median of two
+    assert timing["ratios"][0] == pytest.approx(timing["step_seconds"][0] / timing["reference_step_seconds"][0])
+
     before = json.loads(out.read_text())
     methods.main(argv)  # everything already there: nothing is trained again, nothing changes
     assert json.loads(out.read_text()) == before
+    lo, hi = sorted(timing["ratios"])
+    assert f"| {timing['ratio']:.2f} ({lo:.2f}-{hi:.2f}) |" in md.read_text()  # re-rendered with the timing row
