@@ -29,6 +29,7 @@ from .config import DistillationConfig
 from .curriculum import TeacherCurriculum
 from .engine import LogitEngine, logit_needs
 from .pairs import check_pair, load_teacher, shared_vocab, teacher_dtype
+from .schedules import Schedule
 from .signals import WEIGHT_FIELDS, Context, Signal, from_config
 from .tasks import base_model_of, task_of
 from .teacher_cache import CACHE_COLUMNS, check_cache, load_teacher_cache
@@ -47,9 +48,12 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                  teacher_processing_class=None, signals: list[Signal] | None = None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
-        if model is None or (teacher_model is None) == (args.teacher_cache is None):
+        no_teacher = teacher_model is None and args.teacher_cache is None
+        if model is None or (teacher_model is not None and args.teacher_cache is not None) or (
+                no_teacher and not signals):
             raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model= or "
-                             "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both")
+                             "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both (or, with no "
+                             "teacher at all, signals= that need none, such as mutual learning)")
         self.task = task_of(model)
         self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)
@@ -61,7 +65,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
             if args.should_save:
                 reliability.check_output_dir(args.output_dir)
-            teachers = self._load_teachers(teacher_model, student, args, kwargs.get("processing_class"))
+            if teacher_model is not None:
+                teachers = self._load_teachers(teacher_model, student, args, kwargs.get("processing_class"))
         self.default_teacher = next(iter(teachers), "teacher")
         self.signals = self._build_signals(args, teachers, student, signals or [], cache_meta)
         self._attach_signals(model, student)
@@ -125,8 +130,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                 raise ValueError("learned teacher weights are trained through the KD loss's target, which the "
                                  f"{self.kd_impl} path treats as a constant: set kd_impl='full'")
             teacher = teachers.get(s.teacher or self.default_teacher)
-            if teacher is None and not s.teacher_free and not s.logit:
-                raise ValueError(f"signal {s.name!r} needs a teacher")
+            if teacher is None and not s.teacher_free and (not s.logit or cache_meta is None):
+                raise ValueError(f"signal {s.name!r} needs a teacher (set its weight to 0, e.g. kd_weight=0, or pass "
+                                 "teacher_model=)")
             s.check(teacher, student)
             if (s.needs("teacher") | s.needs("student")).attentions:
                 for m in (*[teachers[n] for n in s.teacher_names(self.default_teacher) if n in teachers], student):
@@ -200,6 +206,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         ctx = Context(self.task, model_inputs, labels, position_masks(inputs, self.task, self.args.kd_positions),
                       student, teachers.get(self.default_teacher), step, total, {"cache": cache}, teachers,
                       self.default_teacher)
+        ctx.extra["counts"] = counts
         loss, sums = self._logit_terms(ctx, active, weights, counts)
         parts = {name: total / counts[self._signal(name).normalizer] for name, total in sums.items()}
         for s in active:
@@ -224,7 +231,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if labels is None and any(s.teacher_free or s.needs("student").grads for s in active):
             raise ValueError("the task loss (alpha_task > 0) and gradient signals need 'labels' in the batch: use a "
                              "collator that makes labels (e.g. DataCollatorForLanguageModeling) or set alpha_task=0")
-        if self.teacher is None and not cache and any(not s.teacher_free for s in active):
+        if not self.teachers and not cache and any(not s.teacher_free for s in active):
             raise ValueError("training from a teacher cache, but the batch has no teacher_topk_* columns: use the "
                              "cache as train_dataset (or keep its columns)")
 
@@ -236,13 +243,13 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         s_needs = logit_needs(self.kd_impl, "student", kd, task)
         t_needs = {}
         for s in active:
+            if not s.logit:
+                s_needs = s_needs | s.needs("student")
             if s.teacher_free:
                 continue
             side = logit_needs(self.kd_impl, "teacher", not cached, False) if s.logit else s.needs("teacher")
             for name in s.teacher_names(self.default_teacher):
                 t_needs[name] = t_needs.get(name, side) | side
-            if not s.logit:
-                s_needs = s_needs | s.needs("student")
         fused = self.kd_impl == "fused"
         teachers = {name: capture.run(self.teachers[name], inputs, needs, self.task, teacher=True, fused=fused,
                                       labels=labels)
@@ -295,7 +302,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             if s.weight.varies:
                 out[WEIGHT_FIELDS.get(s.name, f"{s.name}_weight")] = round(s.weight.value(step, total), 6)
             temperature = getattr(s, "temperature", None)
-            if temperature is not None and temperature.varies:
+            if isinstance(temperature, Schedule) and temperature.varies:
                 out["temperature" if s.name == "kd" else f"{s.name}_temperature"] = round(
                     temperature.value(step, total), 6)
         return out
