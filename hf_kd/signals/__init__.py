@@ -15,6 +15,7 @@ from .hidden import (HiddenStates, SimilarityPreserving, build_projections, chec
                      layer_pairs_for)
 from .logits import LogitKD, TaskLoss
 from .mutual import MutualLearning
+from .self_distill import SelfDistillation
 
 # log names of the config-built signals' weights (others log "<name>_weight")
 WEIGHT_FIELDS = {"task": "alpha_task", "kd": "kd_weight", "hidden": "hidden_weight", "relation": "relation_weight"}
@@ -127,6 +128,6 @@ def _first_stage(signals: list[Signal], fraction: float) -> list[Signal]:
 
 __all__ = ["Context", "Signal", "TaskLoss", "LogitKD", "HiddenStates", "SimilarityPreserving", "Hint",
            "AttentionTransfer", "AttentionProbs", "InputGradient", "FeatureGradient", "AdversarialGradient",
-           "MutualLearning",
+           "MutualLearning", "SelfDistillation",
            "from_config",
            "default_layer_map", "check_layer_map", "build_projections", "layer_pairs_for", "WEIGHT_FIELDS"]
