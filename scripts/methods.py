@@ -299,7 +299,8 @@ def machine_info() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {"git_head": git("rev-parse", "--short", "HEAD"),
-            "uncommitted_hf_kd": git("status", "--porcelain", "--", "hf_kd").splitlines(), "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "uncommitted_hf_kd": git("status", "--porcelain", "--", "hf_kd").splitlines(), "cpu": cpu,
+            "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -359,7 +360,8 @@ def main(argv=None) -> dict:
         merge(a.out, {key: row})
         ran += 1
         print(f"[methods] {key}: " + (row.get("error") or ", ".join(
-            f"{k} {row[k]:.4f}" for k in ("accuracy", "mse", "r2", "step_seconds", "ratio") if isinstance(row.get(k), float)))
+            f"{k} {row[k]:.4f}" for k in ("accuracy", "mse", "r2", "step_seconds", "ratio")
+            if isinstance(row.get(k), float)))
             + f" ({row['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.2f})", flush=True)
     if ran:
         merge(a.out, meta={"machine": info, "runs": [{
@@ -372,7 +374,7 @@ def main(argv=None) -> dict:
         from methods_report import render
         os.makedirs(os.path.dirname(os.path.abspath(a.render)), exist_ok=True)
         with open(a.render, "w") as f:
-            f.write(render(doc, a.out, load(a.pilot) if a.pilot else None))
+            f.write(render(doc, a.out, load(a.pilot) if a.pilot else None, a.pilot))
     return doc
 
 

@@ -17,8 +17,60 @@ LABELS = {
 }
 WEIGHTS = ("hidden_weight", "hint_weight", "at_weight", "attention_weight", "relation_weight", "input_grad_weight",
            "great_weight")
-# one line per method: why it helps or does not, written from the recorded run (the verdict before it is computed)
-NOTES: dict[str, str] = {}
+# why a method helps or does not: written by hand from the recorded run (the verdict before each note is computed
+# from the rows, so it follows a re-run; these notes do not)
+NOTES: dict[str, str] = {
+    "resnet:kd": "The ResNet (95%) is already better than its teacher (91.9%): the soft targets add a little.",
+    "resnet:hints": "Likely reason: the teacher is weaker than the student, and its features (7-pixel patch tokens on "
+                    "a 4x4 grid) are coarser than the CNN's own; regressing onto them constrains more than it guides "
+                    "(the pilot preferred the smallest weight; larger ones were worse).",
+    "resnet:hints_norm": "Same reason as plain hints; normalising only removes the scale mismatch.",
+    "resnet:hints_stage": "Stage 1 spends 30% of the steps fitting a weaker teacher's features with no task signal; "
+                          "the classifier then has 336 steps instead of 480.",
+    "resnet:at": "A 4x4 map of where a ViT's activations are large tells a CNN little it does not find itself; "
+                 "weights of 10 and 100 hurt in the pilot (0.940, 0.794).",
+    "resnet:relation": "Not applicable, not a crash: similarity preservation reads [batch, tokens, width] hidden "
+                       "states through the layer map; a ResNet's are feature maps with no hidden_size, and hf_kd "
+                       "refuses at construction with a clear message.",
+    "resnet:input_grad": "Within seed noise, at 2.7x KD's time per step (a backward through the teacher and a "
+                         "double backward through the student); weight 1,000 fell to 0.732 in the pilot.",
+    "resnet:great": "Within noise, at the highest cost per step, 3.0x KD (both input gradients, as for Sobolev, "
+                    "plus the discriminator).",
+    "resnet:multiview": "Most of the gain is the augmentation: without a teacher the same views give +0.8 over the "
+                        "baseline on average; consistency with the teacher adds +0.4, not on every seed.",
+    "resnet:baseline_multiview": "Augmentation alone; two of three seeds gain.",
+    "resnet:reg_kd": "Two seeds gain, the third ties; the spread over seeds shrinks (R² ± 0.0004 vs ± 0.0024). "
+                     "The teacher was trained on the student's digits, so its outputs there are close to the "
+                     "labels: output matching mostly adds a smoothed second target, and a teacher worse than the "
+                     "student on held-out digits (R² 0.931 vs 0.951) cannot transfer much more.",
+    "vit:kd": "Logits alone help the small ViT little and unreliably (seed spread ± 3.7 points).",
+    "vit:hidden": "Token states through a learned projection give the 2-layer ViT the representation it cannot "
+                  "learn from 1,000 digits (the pilot preferred the largest weight, 10).",
+    "vit:hints": "The same idea as hidden states (MSE on two token layers); positive on average but one seed lost.",
+    "vit:hints_norm": "Better than MSE hints here (+3 points on average); likely reason: a scale-free target is "
+                      "easier for a narrower student to follow through its adapter.",
+    "vit:hints_stage": "FitNets' two stages give the best hint result and the smallest spread; likely reason: the "
+                       "features are fitted before the soft targets pull on them.",
+    "vit:at": "Where the teacher's token activations are large is a locality prior a ViT trained on 1,000 digits "
+              "lacks.",
+    "vit:attention": "The largest gain: the teacher's attention rows tell the student's layers which patches to "
+                     "look at, exactly the inductive bias a small ViT lacks on little data (pilot: weight 0.1 -> "
+                     "0.664, 100 -> 0.790). It costs 1.14x KD per step, most of it the switch to eager attention "
+                     "(plain KD on eager attention: 1.10x).",
+    "vit:kd_eager": "Accuracy differs from plain KD only by the numerics of eager vs SDPA attention.",
+    "vit:relation": "Batch-similarity structure is a weak signal at batch 64 with mean-pooled tokens: a small "
+                    "average gain, not on every seed (very stable across seeds, though).",
+    "vit:input_grad": "Hurts on every seed, and more the larger the weight (pilot: 10 -> 0.566, 1,000 -> 0.206): "
+                      "likely reason: the teacher's per-pixel gradients come from another model with its own 7x7 "
+                      "patch embedding, and forcing the student's to match them fights the task instead of helping.",
+    "vit:great": "Consistent only because at weight 0.01 the term barely changes training (+0.5 points, under "
+                 "the seed spread); larger weights were worse in the pilot; 2.8x KD's time per step.",
+    "vit:multiview": "Augmentation alone does not help this ViT (next row); with the teacher labelling the shifted "
+                     "views it helps, so here the consistency term, not the augmentation, is what works.",
+    "vit:baseline_multiview": "Shifted views without a teacher do not help the small ViT; note that hf_kd's "
+                              "random_shift fills the border with 0, which is not the normalised background "
+                              "(-0.424), so shifted views carry a grey band.",
+}
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -83,8 +135,8 @@ def timing_cell(row: dict | None) -> str:
 
 def class_table(student: str, methods: dict, timing: dict) -> list[str]:
     kd, base = methods.get("kd"), methods.get("baseline")
-    lines = ["| method | added term (weight) | test accuracy | − plain KD, per seed (mean) | − no teacher, per seed "
-             "(mean) | s/step | × KD, same run | × KD, interleaved | load (1-min) |",
+    lines = ["| method | added term (weight) | test accuracy | method − plain KD, per seed (mean) | method − no "
+             "teacher, per seed (mean) | s/step | × KD, same run | × KD, interleaved | load (1-min) |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     for method in sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         rows = methods[method]
@@ -108,13 +160,14 @@ def class_table(student: str, methods: dict, timing: dict) -> list[str]:
     return lines
 
 
-def regression_table(methods: dict) -> list[str]:
+def regression_table(methods: dict, timing: dict) -> list[str]:
     base = methods.get("reg_baseline")
-    lines = ["| model | test MSE (standardised thickness) | test R² | R² − no teacher, per seed (mean) | s/step |",
-             "|---|---|---|---|---:|"]
+    lines = ["| model | test MSE (standardised thickness) | test R² | R² − no teacher, per seed (mean) | s/step | "
+             "× no teacher, interleaved |", "|---|---|---|---|---:|---:|"]
     teacher = next((r for rows in methods.values() for r in rows.values() if "teacher_mse" in r), None)
     if teacher:
-        lines.append(f"| teacher: ViT, 3,500 digits | {teacher['teacher_mse']:.4f} | {teacher['teacher_r2']:.4f} | - | - |")
+        lines.append(f"| teacher: ViT, 3,500 digits | {teacher['teacher_mse']:.4f} | {teacher['teacher_r2']:.4f} "
+                     "| - | - | - |")
     for method, label in (("reg_baseline", "ResNet, no teacher (MSE on the target)"),
                           ("reg_kd", "ResNet, + output matching ‖y_T − y_S‖² (kd_loss mse)")):
         ok = {s: r for s, r in methods.get(method, {}).items() if "error" not in r}
@@ -123,7 +176,8 @@ def regression_table(methods: dict) -> list[str]:
         d = paired(ok, base, "r2") if method != "reg_baseline" else []
         lines.append(f"| {label} | {mean_std([r['mse'] for r in ok.values()])} | "
                      f"{mean_std([r['r2'] for r in ok.values()])} | {signed(d) if d else '-'} | "
-                     f"{statistics.mean(r['step_seconds'] for r in ok.values()):.4f} |")
+                     f"{statistics.mean(r['step_seconds'] for r in ok.values()):.4f} | "
+                     f"{timing_cell(timing.get(('resnet', method)))} |")
     return lines
 
 
@@ -154,7 +208,7 @@ def pilot_table(pilot: dict, chosen: dict | None = None) -> list[str]:
     return lines
 
 
-def render(doc: dict, path: str, pilot: dict | None = None) -> str:
+def render(doc: dict, path: str, pilot: dict | None = None, pilot_path: str | None = None) -> str:
     meta, runs = doc.get("meta", {}), doc.get("meta", {}).get("runs", [])
     test = grouped(doc, "test")
     steps = sorted({r["steps"] for r in doc["rows"].values() if r["split"] == "test"})
@@ -163,7 +217,9 @@ def render(doc: dict, path: str, pilot: dict | None = None) -> str:
     loads = [r["load_mean"] for r in rows]
     m = meta.get("machine", {})
     out = ["# Distillation methods, measured on MNIST-5k", "",
-           f"Generated by `scripts/methods.py --render` from `{path}`; every number below is a row of that file.", "",
+           f"Generated by `scripts/methods.py --render` from `{path}`"
+           + (f" and `{pilot_path}` (the weight pilot)" if pilot_path else "")
+           + "; every number below comes from the rows of those files.", "",
            "Setup: the image recipe (`recipes/distill_image.py` defaults): a ViT teacher (patch 7, width 64, 4 layers) "
            "trained on 3,500 digits; students see the first 1,000 of them for "
            f"{'/'.join(map(str, steps))} steps of 64 (AdamW lr 2e-3, cosine, 20 warm-up steps, weight decay 0.05), "
@@ -187,8 +243,9 @@ def render(doc: dict, path: str, pilot: dict | None = None) -> str:
             methods = {k: v for k, v in test[student].items() if not k.startswith("reg_")}
             teacher = next((r["teacher_accuracy"] for v in methods.values() for r in v.values()
                             if "teacher_accuracy" in r), None)
-            out += [f"## {'ResNet' if student == 'resnet' else 'ViT'} student (teacher test accuracy "
-                    f"{teacher:.3f})" if teacher else f"## {student}", ""] + class_table(student, methods, timing) + [""]
+            title = f"## {'ResNet' if student == 'resnet' else 'ViT'} student"
+            out += [title + (f" (teacher test accuracy {teacher:.3f})" if teacher else ""), ""]
+            out += class_table(student, methods, timing) + [""]
     reg = {k: v for k, v in test.get("resnet", {}).items() if k.startswith("reg_")}
     if reg:
         out += ["## Regression: output matching (stroke thickness)", "",
@@ -199,7 +256,7 @@ def render(doc: dict, path: str, pilot: dict | None = None) -> str:
                 "classifier teacher's ViT with one output, trained by MSE for 30 epochs on the 3,500 teacher digits "
                 "(cached). Student: the ResNet with one output on the 1,000 digits, L = L_task (MSE) for the "
                 "baseline, L = L_task + ‖y_T − y_S‖² with output matching (alpha_task 1, kd_weight 1, "
-                "kd_loss mse).", ""] + regression_table(reg) + [""]
+                "kd_loss mse).", ""] + regression_table(reg, timing) + [""]
     out += ["## What helped, what did not", ""]
     for student in ("resnet", "vit"):
         methods = test.get(student, {})
@@ -232,13 +289,20 @@ def render(doc: dict, path: str, pilot: dict | None = None) -> str:
     if errors:
         out += ["## Errors", ""] + [f"- {r['student']} / {r['method']} / seed {r['seed']}: `{r['error']}`"
                                     for r in errors] + [""]
+    timing_loads = [x for r in doc["rows"].values() if r["split"] == "timing" and "loads" in r for x in r["loads"]]
     total = sum(r["wall_seconds"] for r in runs)
+    pilot_runs = (pilot or {}).get("meta", {}).get("runs", [])
     out += ["## Commands, machine, load", "",
             f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, transformers "
-            f"{m.get('transformers', '?')}, Python {m.get('python', '?')}; one torch thread per run; teacher in float32.",
+            f"{m.get('transformers', '?')}, Python {m.get('python', '?')}; one torch thread per run; teacher in "
+            "float32.",
             f"Load average (1-min) during the test-split runs: median {statistics.median(loads):.2f}, range "
             f"{min(loads):.2f}-{max(loads):.2f} on {m.get('cores', '?')} cores." if loads else "",
-            f"Wall time of the recorded runs: {total / 60:.1f} min in all ({sum(r['rows'] for r in runs)} rows).", "",
-            "```bash"] + [f"{r['command']}   # {r['rows']} rows, {r['wall_seconds'] / 60:.1f} min, finished "
-                          f"{r['finished']}" for r in runs] + ["```", ""]
+            f"Load average (1-min) during the interleaved timing runs: median {statistics.median(timing_loads):.2f}, "
+            f"range {min(timing_loads):.2f}-{max(timing_loads):.2f}." if timing_loads else "",
+            f"Wall time of the recorded runs: {total / 60:.1f} min in all ({sum(r['rows'] for r in runs)} rows)"
+            + (f"; the pilot took {sum(r['wall_seconds'] for r in pilot_runs) / 60:.1f} min more." if pilot_runs
+               else "."), "", "```bash"]
+    out += [f"{r['command']}   # {r['rows']} rows, {r['wall_seconds'] / 60:.1f} min, finished {r['finished']}"
+            for r in pilot_runs + runs] + ["```", ""]
     return "\n".join(out)
