@@ -12,15 +12,18 @@ works.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import default_data_collator
 
 
-def random_shift(pixels: int = 2):
-    """Images: translate each view by up to ``pixels`` in each direction (zero fill)."""
+def random_shift(pixels: int = 2, fill: float | None = None):
+    """Images: translate each view by up to ``pixels`` in each direction. The uncovered border repeats the image's
+    edge pixels (``fill=None``: right for normalised images whose background is not 0) or takes ``fill``."""
     def augment(batch: dict, gen: torch.Generator) -> dict:
         x = batch["pixel_values"]
         shifts = torch.randint(-pixels, pixels + 1, (x.shape[0], 2), generator=gen)
-        padded = torch.nn.functional.pad(x, (pixels, pixels, pixels, pixels))
+        pad = (pixels, pixels, pixels, pixels)
+        padded = F.pad(x, pad, mode="replicate") if fill is None else F.pad(x, pad, value=fill)
         h, w = x.shape[-2:]
         out = torch.stack([padded[i, :, pixels + dy:pixels + dy + h, pixels + dx:pixels + dx + w]
                            for i, (dy, dx) in enumerate(shifts.tolist())])

@@ -259,6 +259,8 @@ def test_multi_view_collator_and_training(tmp_path):
     assert batch["pixel_values"].shape == (12, 1, 8, 8) and batch["labels"].tolist() == [*batch["labels"][:4]] * 3
     assert torch.equal(batch["pixel_values"][:4], torch.stack([f["pixel_values"] for f in feats]))
     assert not torch.equal(batch["pixel_values"][4:8], batch["pixel_values"][:4])
+    background = {"pixel_values": torch.full((2, 3, 6, 6), -0.42)}  # a normalised image's background is not 0
+    assert torch.all(random_shift(2)(background, torch.Generator().manual_seed(1))["pixel_values"] == -0.42)
     text = MultiViewCollator(token_dropout(mask_token_id=39, p=0.5), views=2)([texts()[i] for i in range(4)])
     dropped = text["input_ids"][4:] == 39
     assert dropped.any() and not (dropped & (text["attention_mask"][4:] == 0)).any()  # padding never dropped
