@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("image_*.yaml"))
 LOGGED = {"hint_weight": "hint_loss", "at_weight": "attention_transfer_loss", "attention_weight": "attention_loss",
           "input_grad_weight": "input_gradient_loss", "great_weight": "great_loss", "relation_weight": "relation_loss",
-          "feature_grad_weight": "feature_gradient_loss", "kd_weight_end": "kd_weight"}
+          "feature_grad_weight": "feature_gradient_loss", "kd_weight_end": "kd_weight", "progressive": "hidden_0_loss"}
 
 
 @pytest.mark.slow
