@@ -120,28 +120,36 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if not built:
             raise ValueError("no signal has a weight > 0: set alpha_task, kd_weight, hidden_weight (or pass signals=)")
         for s in built:
-            if cache_meta is not None and not (s.teacher_free or s.logit):
-                raise ValueError(f"teacher_cache: signal {s.name!r} needs the teacher in memory (a cache holds only "
-                                 "its top-k output distribution): drop it or train online")
-            unknown = [n for n in s.teacher_names(self.default_teacher) if teachers and n not in teachers]
-            if unknown:
-                raise ValueError(f"signal {s.name!r} reads teacher(s) {unknown}; the teachers are {list(teachers)}")
-            if getattr(s, "mixing", None) == "learned" and self.kd_impl != "full":
-                raise ValueError("learned teacher weights are trained through the KD loss's target, which the "
-                                 f"{self.kd_impl} path treats as a constant: set kd_impl='full'")
-            teacher = teachers.get(s.teacher or self.default_teacher)
-            if teacher is None and not s.teacher_free and (not s.logit or cache_meta is None):
-                raise ValueError(f"signal {s.name!r} needs a teacher (set its weight to 0, e.g. kd_weight=0, or pass "
-                                 "teacher_model=)")
-            s.check(teacher, student)
-            if (s.needs("teacher") | s.needs("student")).attentions:
-                for m in (*[teachers[n] for n in s.teacher_names(self.default_teacher) if n in teachers], student):
-                    capture.use_eager_attention(m)
-            if s.needs("student").grads:  # a double backward: SDPA / flash kernels have no second derivative
-                capture.use_eager_attention(student)
+            self._check_signal(s, teachers, student, cache_meta is not None)
         if cache_meta is not None:
             check_cache(cache_meta, student, built, self.task)
         return nn.ModuleList(built)
+
+    def _check_signal(self, s: Signal, teachers: dict, student, cached: bool) -> None:
+        """One signal against the teachers and the engine (clear errors at construction), then its own check (which
+        builds its trainable parts), and the attention implementation it needs."""
+        names = s.teacher_names(self.default_teacher)
+        if cached and not (s.teacher_free or s.logit):
+            raise ValueError(f"teacher_cache: signal {s.name!r} needs the teacher in memory (a cache holds only its "
+                             "top-k output distribution): drop it or train online")
+        if teachers and any(n not in teachers for n in names):
+            raise ValueError(f"signal {s.name!r} reads teacher(s) {names}; the teachers are {list(teachers)}")
+        if getattr(s, "mixing", None) == "learned" and self.kd_impl != "full":
+            raise ValueError("learned teacher weights are trained through the KD loss's target, which the "
+                             f"{self.kd_impl} path treats as a constant: set kd_impl='full'")
+        if s.logit and len(names) > 1 and self.kd_impl == "fused":
+            raise ValueError("kd_impl='fused' makes one teacher's logits from its hidden states; a mixture of teachers "
+                             "needs their logits: use kd_impl='chunked'")
+        teacher = teachers.get(s.teacher or self.default_teacher)
+        if teacher is None and not s.teacher_free and (not s.logit or not cached):
+            raise ValueError(f"signal {s.name!r} needs a teacher (set its weight to 0, e.g. kd_weight=0, or pass "
+                             "teacher_model=)")
+        s.check(teacher, student)
+        if (s.needs("teacher") | s.needs("student")).attentions:
+            for m in (*[teachers[n] for n in names if n in teachers], student):
+                capture.use_eager_attention(m)
+        if s.needs("student").grads:  # a double backward: SDPA / flash kernels have no second derivative
+            capture.use_eager_attention(student)
 
     def _attach_signals(self, model: nn.Module, student: nn.Module) -> None:
         """The signals become a submodule of the student, so optimizer, clipping, grad_norm and device placement

@@ -97,6 +97,8 @@ def test_learned_teacher_weights_are_trained_and_logged(tmp_path):
     with pytest.raises(ValueError, match="kd_impl='full'"):
         DistillationTrainer(model=student, teacher_model=t, train_dataset=rows(),
                             args=args(tmp_path, teacher_weights="learned"))
+    with pytest.raises(ValueError, match="use kd_impl='chunked'"):  # fused makes one teacher's logits only
+        DistillationTrainer(model=student, teacher_model=t, train_dataset=rows(), args=args(tmp_path, kd_impl="fused"))
     trainer = DistillationTrainer(model=student, teacher_model=t, train_dataset=rows(),
                                   args=args(tmp_path, teacher_weights="learned", kd_impl="full", learning_rate=0.2))
     kd = next(s for s in trainer.signals if s.name == "kd")
