@@ -3,7 +3,9 @@ teacher -> assistant -> student in stages, each stage a full distillation whose 
 
 :func:`assistant_layers` sizes a layer-pruned assistant by the seeds' rule, the geometric mean of the teacher's and
 the student's parameter counts; :func:`distill_chain` runs the stages, each in its own folder, resumable stage by
-stage (a finished stage is loaded, not retrained) and, within a stage, from its last checkpoint.
+stage (a finished stage is loaded, not retrained) and, within a stage, from its last checkpoint;
+:func:`chain_vs_direct` compares the chained student with the same student distilled straight from the teacher
+at equal total steps, in a report that shows every stage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import nn
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import DistillationConfig
+from .curriculum import read_weights
+from .experiment import Interrupted
 from .student import find_layers
 from .tasks import base_model_of
 from .trainer import DistillationTrainer
@@ -49,7 +53,6 @@ def distill_chain(teacher: nn.Module, students: list[nn.Module], args: Distillat
         folder = os.path.join(args.output_dir, f"stage_{i}")
         marker = os.path.join(folder, DONE)
         if os.path.isfile(marker):  # finished earlier: reuse the saved student as the next teacher
-            from .curriculum import read_weights
             base_model_of(student).load_state_dict(read_weights(folder), strict=False)
             trainers.append(None)
         else:
@@ -57,6 +60,9 @@ def distill_chain(teacher: nn.Module, students: list[nn.Module], args: Distillat
             last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
             trainer = DistillationTrainer(model=student, teacher_model=teacher, args=stage_args, **trainer_kwargs)
             trainer.train(resume_from_checkpoint=last)
+            if trainer.interrupt.received is not None:  # a checkpoint was saved: the stage is not done
+                raise Interrupted(f"chain stage {i} interrupted at step {trainer.state.global_step}: checkpoint "
+                                  f"saved in {folder}; run the chain again to continue")
             trainer.save_model(folder)
             if trainer.is_world_process_zero():
                 with open(marker, "w") as f:
@@ -65,6 +71,38 @@ def distill_chain(teacher: nn.Module, students: list[nn.Module], args: Distillat
             trainers.append(trainer)
         teacher = student
     return trainers
+
+
+def chain_vs_direct(teacher: nn.Module, assistants: list[nn.Module], new_student, args: DistillationConfig,
+                    score, **trainer_kwargs) -> dict:
+    """The teacher-assistant chain's report: ``teacher -> assistants -> new_student()`` (``args.max_steps`` per
+    stage, :func:`distill_chain` in ``output_dir/chain``) against ``new_student()`` (the same initial weights if
+    ``new_student`` makes them so) distilled straight from the teacher for the chain's total steps (in
+    ``output_dir/direct``); both resumable. ``score(model) -> {metric: value}`` on held-out data. Writes
+    ``chain_report.json`` and ``chain_report.md`` in ``output_dir`` and returns the report."""
+    chained, direct = new_student(), new_student()
+    total = args.max_steps * (len(assistants) + 1)
+    distill_chain(teacher, [*assistants, chained], dataclasses.replace(args, output_dir=os.path.join(
+        args.output_dir, "chain")), **trainer_kwargs)
+    distill_chain(teacher, [direct], dataclasses.replace(args, output_dir=os.path.join(args.output_dir, "direct"),
+                                                         max_steps=total), **trainer_kwargs)
+    rows = [("teacher", teacher, 0)] + [(f"assistant {i + 1}", a, args.max_steps) for i, a in enumerate(assistants)]
+    rows += [("student, chained", chained, total), ("student, direct", direct, total)]
+    report = {"steps_per_stage": args.max_steps, "total_steps": total,
+              "models": [{"model": name, "parameters": _count(m), "steps": steps, **score(m)}
+                         for name, m, steps in rows]}
+    metrics = [k for k in report["models"][0] if k not in ("model", "parameters", "steps")]
+    lines = [f"# Teacher-assistant chain vs direct distillation ({total} student-side steps each)", "",
+             "| model | parameters | steps | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
+    lines += [f"| {r['model']} | {r['parameters']:,} | {r['steps']} | "
+              + " | ".join(f"{r[k]:.4f}" for k in metrics) + " |" for r in report["models"]]
+    lines += ["", "Steps: the chained student's column counts its assistants' stages too (equal total steps)."]
+    if args.should_save:
+        with open(os.path.join(args.output_dir, "chain_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(args.output_dir, "chain_report.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return report
 
 
 def born_again(teacher: nn.Module, new_model, generations: int, args: DistillationConfig, **trainer_kwargs) -> list:

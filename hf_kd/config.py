@@ -61,9 +61,12 @@ class DistillationConfig(TrainingArguments):
                               "(causal-LM, masked-LM or classification cross-entropy). 0 = pure distillation."})
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the teacher-student logit loss."})
     kd_loss: str = field(default="forward_kl", metadata={"help": "Logit loss: " + ", ".join(LOGIT_LOSSES)
-                         + " (forward_kl = KL(teacher||student); jsd uses jsd_beta)."})
+                         + " (forward_kl = KL(teacher||student); jsd uses jsd_beta, skew_* skew_alpha)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD: 0 = forward KL, "
                             "1 = reverse KL."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KLs (DistiLLM, Ko et al. 2024), "
+                              "in [0, 1): skew_forward_kl = KL(p_T || a p_T + (1-a) p_S), skew_reverse_kl = "
+                              "KL(p_S || (1-a) p_T + a p_S); 0 = the plain KL."})
     kd_positions: str = field(default="auto", metadata={"help": "Positions the teacher's outputs are matched on: "
                               "'all' = every non-padding token / every example, labelled or not (so unlabelled "
                               "examples, label -100, are distilled: a transfer set), 'labels' = only positions "
@@ -94,6 +97,9 @@ class DistillationConfig(TrainingArguments):
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder made by `hf-kd cache-teacher`: "
                                       "train from the teacher's cached top-k with no teacher in memory (forward_kl "
                                       "only, same temperature; train_dataset defaults to the cache)."})
+    teacher_url: str | None = field(default=None, metadata={"help": "URL of a teacher served by `hf-kd serve-teacher` "
+                                    "(e.g. http://127.0.0.1:8765): each batch's top-k targets come from that process "
+                                    "instead of a teacher_model in memory (forward_kl only, as with teacher_cache)."})
     teacher_weights: str = field(default="uniform", metadata={"help": "Several teachers (teacher_model= a list or a "
                                  "mapping): how their softened outputs are mixed into one target: 'uniform', fixed "
                                  "weights '0.7,0.3', 'learned' (softmax of trainable logits, logged; kd_impl='full'), "
@@ -143,6 +149,24 @@ class DistillationConfig(TrainingArguments):
     great_weight: float = field(default=0.0, metadata={"help": "Weight of adversarial input-gradient matching "
                                 "(GREAT, Sinha et al. 2018): a discriminator on input gradients, the student trained "
                                 "to fool it."})
+    mutual_weight: float = field(default=0.0, metadata={"help": "Deep mutual learning (Zhang et al. 2018, no "
+                                 "teacher needed): weight of T^2 KL between the student and `mutual_peers` peers "
+                                 "at `temperature`, and of the peers' own objective. Config-built peers are fresh "
+                                 "models of the student's architecture (for pretrained peers pass "
+                                 "signals=[MutualLearning(peers=...)])."})
+    mutual_peers: int = field(default=1, metadata={"help": "Number of peers trained with the student "
+                              "(mutual_weight > 0)."})
+    peer_learning_rate: str | None = field(default=None, metadata={"help": "Mutual learning: the peers' learning "
+                                           "rates, one or one per peer, comma-separated (default learning_rate)."})
+    peer_lr_scheduler_type: str | None = field(default=None, metadata={"help": "Mutual learning: the peers' "
+                                               "learning-rate schedule, one or one per peer (default "
+                                               "lr_scheduler_type)."})
+    self_distill_weight: float = field(default=0.0, metadata={"help": "Self-distillation (Be Your Own Teacher, "
+                                       "Zhang et al. 2019): weight of the auxiliary exits on `self_distill_exits`, "
+                                       "each learning the task and T^2 KL to the model's own final output (a "
+                                       "classifier student; no teacher needed)."})
+    self_distill_exits: str | None = field(default=None, metadata={"help": "Hidden-state indices of the "
+                                           "self-distillation exits, e.g. '1,2' (0 = embeddings)."})
     nan_policy: str = field(default="stop", metadata={"help": "Non-finite teacher/student outputs or loss: "
                             "'stop' raises with step and batch, 'skip' drops that batch's loss (logged)."})
     weight_schedule: str = field(default="constant", metadata={"help": "How alpha_task, kd_weight, hidden_weight "
@@ -164,11 +188,12 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1 is plain softmax, "
                              "2-4 is usual")
         for name in ("alpha_task", "kd_weight", "hidden_weight", "relation_weight", "hint_weight",
-                     "attention_weight", "at_weight", "input_grad_weight", "great_weight", "feature_grad_weight"):
+                     "attention_weight", "at_weight", "input_grad_weight", "great_weight", "feature_grad_weight",
+                     "mutual_weight", "self_distill_weight"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         others = ("relation_weight", "hint_weight", "attention_weight", "at_weight", "input_grad_weight",
-                  "great_weight", "feature_grad_weight")
+                  "great_weight", "feature_grad_weight", "mutual_weight", "self_distill_weight")
         if all(getattr(self, n) == 0 for n in others) and all(max(getattr(self, n), getattr(self, f"{n}_end") or 0.0) == 0
                                              for n in ("alpha_task", "kd_weight", "hidden_weight")):  # 0 throughout, schedules included
             raise ValueError("alpha_task, kd_weight and hidden_weight are all 0: nothing to train; set one > 0")
@@ -178,6 +203,9 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"hidden_loss {self.hidden_loss!r} unknown; choose one of {sorted(HIDDEN_LOSSES)}")
         if not 0 <= self.jsd_beta <= 1:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0 <= self.skew_alpha < 1:
+            raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha} (0 = the plain KL; at 1 the skew "
+                             "KLs are 0 for every student)")
         for name, allowed in (("kd_positions", KD_POSITIONS), ("kd_impl", KD_IMPLS),
                               ("teacher_dtype", TEACHER_DTYPES), ("nan_policy", NAN_POLICIES)):
             if getattr(self, name) not in allowed:
@@ -197,6 +225,10 @@ class DistillationConfig(TrainingArguments):
             except ValueError:
                 raise ValueError(f"teacher_weights {self.teacher_weights!r}: 'uniform', 'learned', 'confidence', "
                                  "'entropy' or comma-separated numbers such as '0.7,0.3'") from None
+        if self.mutual_peers < 1:
+            raise ValueError(f"mutual_peers must be >= 1, got {self.mutual_peers}")
+        if self.self_distill_weight > 0 and not self.self_distill_exits:
+            raise ValueError("self_distill_weight > 0 needs self_distill_exits (hidden-state indices, e.g. '1,2')")
         if self.attention_loss not in ("kl", "mse"):
             raise ValueError(f"attention_loss must be 'kl' or 'mse', got {self.attention_loss!r}")
         if not 0.0 <= self.hint_first_stage < 1.0:
@@ -217,9 +249,9 @@ class DistillationConfig(TrainingArguments):
             if value is not None and not (math.isfinite(value) and (value > 0 if name == "temperature" else value >= 0)):
                 raise ValueError(f"{name}_end must be a finite number {'> 0' if name == 'temperature' else '>= 0'}, "
                                  f"got {value}")
-        if ends["temperature"] is not None and self.teacher_cache is not None:
-            raise ValueError("temperature_end with teacher_cache: a cache holds the teacher at one temperature; "
-                             "drop temperature_end or train online")
+        if ends["temperature"] is not None and (self.teacher_cache is not None or self.teacher_url is not None):
+            raise ValueError("temperature_end with teacher_cache / teacher_url: their top-k targets are re-tempered to "
+                             "one temperature; drop temperature_end or train online")
 
     @property
     def layer_pairs(self) -> list[tuple[int, int]] | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from . import capture, reliability
+from . import capture, param_groups, reliability
 from .align import COUNT_KEYS, batch_counts, position_masks
 from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
@@ -49,11 +49,12 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
         no_teacher = teacher_model is None and args.teacher_cache is None
+        teacher_free = signals or args.mutual_weight > 0 or args.self_distill_weight > 0
         if model is None or (teacher_model is not None and args.teacher_cache is not None) or (
-                no_teacher and not signals):
+                no_teacher and not teacher_free):
             raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model= or "
                              "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both (or, with no "
-                             "teacher at all, signals= that need none, such as mutual learning)")
+                             "teacher at all, signals that need none: mutual learning, self-distillation)")
         self.task = task_of(model)
         self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)
@@ -296,12 +297,13 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self._batches[mode] = 0
         self._log_skipped(logs, mode)
         if mode == "train":
-            logs.update(self._scheduled_values(max(self.state.global_step - 1, 0)))  # what the last step used
+            step = max(self.state.global_step - 1, 0)  # what the last step used
+            logs.update(self._scheduled_values(step))
             for s in self.signals:
                 logs.update(s.log_values())
+            logs.update(param_groups.group_rates(self.optimizer, self.lr_scheduler, step))
             if self.curriculum is not None:
-                logs["teacher_checkpoint"] = self.curriculum.stage(max(self.state.global_step - 1, 0),
-                                                                   self.state.max_steps)
+                logs["teacher_checkpoint"] = self.curriculum.stage(step, self.state.max_steps)
         super().log(logs, start_time)
 
     def _scheduled_values(self, step: int) -> dict:
@@ -315,7 +317,21 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                     temperature.value(step, total), 6)
         return out
 
-    # ---- the signals' trainable parts: averaged across processes, checkpointed ----------------------------------
+    # ---- the signals' trainable parts: own optimizer groups, averaged across processes, checkpointed ----------
+    def _own_groups(self) -> list:
+        return [g for s in self.signals for g in s.optimizer_groups()]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        param_groups.split_groups(optimizer, self._own_groups())
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = param_groups.own_schedules(scheduler, optimizer or self.optimizer, self._own_groups(),
+                                                       self.args, num_training_steps)
+        return self.lr_scheduler
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._begin_micro_batch(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -55,3 +55,44 @@ def test_no_teacher_needs_teacher_free_signals(tmp_path):
                             signals=[MutualLearning("mutual", 1.0, peers=[bert(1, 2)])])
     with pytest.raises(ValueError, match="either teacher_model"):
         DistillationTrainer(model=bert(1, 1), args=args(tmp_path), train_dataset=texts())
+
+
+def test_each_peer_trains_with_its_own_learning_rate_and_schedule(tmp_path):
+    student, peer = bert(1, 1), bert(1, 2)
+    signal = MutualLearning("mutual", 1.0, peers=[peer],
+                            peer_optim=[dict(learning_rate=0.01, lr_scheduler_type="constant", weight_decay=0.0)])
+    trainer = DistillationTrainer(model=student, train_dataset=texts(), signals=[signal],
+                                  args=args(tmp_path, max_steps=4, learning_rate=1e-3, lr_scheduler_type="linear",
+                                            weight_decay=0.1))
+    trainer.train()
+    peer_ids = {id(p) for p in peer.parameters()}
+    groups = trainer.optimizer.param_groups
+    for g in groups:  # a group holds the peer's parameters or none of them
+        assert {id(p) in peer_ids for p in g["params"]} == {g.get("hf_kd_group") == "peer_0"}
+    own = [g for g in groups if g.get("hf_kd_group") == "peer_0"]
+    assert sum(len(g["params"]) for g in own) == len(peer_ids) and all(g["weight_decay"] == 0.0 for g in own)
+    assert {g["weight_decay"] for g in groups if "hf_kd_group" not in g} == {0.0, 0.1}  # the trainer's split kept
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["learning_rate_peer_0"] for h in logs] == [0.01] * 4  # constant
+    assert [h["learning_rate"] for h in logs] == pytest.approx([1e-3 * (4 - s) / 4 for s in range(4)])  # linear
+
+
+def test_config_built_peers_and_the_best_one_ranked(tmp_path):
+    student = bert(1, 1)
+    trainer = DistillationTrainer(model=student, train_dataset=texts(), args=args(
+        tmp_path, mutual_weight=1.0, mutual_peers=2, peer_learning_rate="0.01,0.02", temperature=2.0))
+    (signal,) = [s for s in trainer.signals if isinstance(s, MutualLearning)]
+    assert len(signal.peers) == 2 and signal.temperature == 2.0
+    first = [p.detach().clone() for p in signal.peers[0].parameters()]
+    assert not torch.equal(first[0], student.bert.embeddings.word_embeddings.weight)  # fresh, not the student
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(first, signal.peers[0].parameters()))
+    rates = [(h["learning_rate_peer_0"], h["learning_rate_peer_1"]) for h in trainer.state.log_history if "loss" in h]
+    assert rates[0] == (0.01, 0.02)
+    scores = {"student": 0.5, "peer_0": 0.9, "peer_1": 0.1}
+    names = {id(student): "student", **{id(p): f"peer_{i}" for i, p in enumerate(signal.peers)}}
+    assert signal.ranked(student, lambda m: scores[names[id(m)]]) == [("peer_0", 0.9), ("student", 0.5),
+                                                                       ("peer_1", 0.1)]
+    with pytest.raises(ValueError, match="one per peer"):
+        DistillationTrainer(model=bert(1, 1), train_dataset=texts(), args=args(
+            tmp_path / "x", mutual_weight=1.0, mutual_peers=2, peer_learning_rate="0.1,0.2,0.3"))

@@ -3,6 +3,7 @@ DistillationConfig's shorthand fields ask for."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..schedules import Schedule, from_args
@@ -18,7 +19,8 @@ from .mutual import MutualLearning
 from .self_distill import SelfDistillation
 
 # log names of the config-built signals' weights (others log "<name>_weight")
-WEIGHT_FIELDS = {"task": "alpha_task", "kd": "kd_weight", "hidden": "hidden_weight", "relation": "relation_weight"}
+WEIGHT_FIELDS = {"task": "alpha_task", "kd": "kd_weight", "hidden": "hidden_weight", "relation": "relation_weight",
+                 "mutual": "mutual_weight", "self_distill": "self_distill_weight"}
 
 
 def from_config(args, task: str, teachers: dict, student) -> list[Signal]:
@@ -32,7 +34,7 @@ def from_config(args, task: str, teachers: dict, student) -> list[Signal]:
     if alpha.peak > 0 and task != ENCODER:
         signals.append(TaskLoss("task", alpha))
     if kd.peak > 0 and task != ENCODER:
-        signals.append(LogitKD("kd", kd, kind=args.kd_loss, beta=args.jsd_beta,
+        signals.append(LogitKD("kd", kd, kind=args.kd_loss, beta=args.jsd_beta, skew_alpha=args.skew_alpha,
                                temperature=from_args(args, "temperature"), **_mixture_of(args, teachers)))
     hidden = from_args(args, "hidden_weight")
     if (hidden.peak > 0 or args.relation_weight > 0) and teacher is not None:
@@ -47,7 +49,7 @@ def from_config(args, task: str, teachers: dict, student) -> list[Signal]:
         raise ValueError("teacher_cache: hidden-state and relational losses need the teacher's hidden states, which "
                          "a cache does not hold: set hidden_weight=0 (and its *_end) and relation_weight=0, or train "
                          "with the teacher online")
-    signals += _feature_signals(args, teacher, student)
+    signals += _feature_signals(args, teacher, student) + _teacher_free_signals(args, student)
     if args.progressive:
         signals = _progressive(signals)
     return _first_stage(signals, args.hint_first_stage)
@@ -90,6 +92,34 @@ def _feature_signals(args, teacher, student) -> list[Signal]:
         out.append(AdversarialGradient("great", args.great_weight))
     if out and teacher is None:
         raise ValueError(f"teacher_cache: {', '.join(s.name for s in out)} need the teacher in memory")
+    return out
+
+
+def _per_peer(value: str | None, n: int, cast) -> list:
+    values = [cast(v) for v in value.split(",")] if value else [None]
+    if len(values) not in (1, n):
+        raise ValueError(f"{value!r}: one value or one per peer ({n})")
+    return values * n if len(values) == 1 else values
+
+
+def _teacher_free_signals(args, student) -> list[Signal]:
+    """Mutual learning with fresh peers of the student's architecture; self-distillation exits."""
+    out = []
+    if args.mutual_weight > 0:
+        n = args.mutual_peers
+        with torch.random.fork_rng():  # peers differ from the student and each other; the caller's RNG untouched
+            torch.manual_seed(args.seed + 1)
+            peers = [type(student)(student.config) for _ in range(n)]
+        rates = _per_peer(args.peer_learning_rate, n, float)
+        kinds = _per_peer(args.peer_lr_scheduler_type, n, str)
+        optim = [{k: v for k, v in (("learning_rate", r), ("lr_scheduler_type", t)) if v is not None}
+                 for r, t in zip(rates, kinds)]
+        out.append(MutualLearning("mutual", args.mutual_weight, peers=peers, temperature=args.temperature,
+                                  peer_optim=optim))
+    if args.self_distill_weight > 0:
+        exits = [int(e) for e in args.self_distill_exits.split(",")]
+        out.append(SelfDistillation("self_distill", args.self_distill_weight, exits=exits,
+                                    temperature=args.temperature))
     return out
 
 

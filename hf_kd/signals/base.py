@@ -88,6 +88,10 @@ class Signal(nn.Module):
         """The teachers whose passes this signal reads."""
         return [self.teacher or default]
 
+    def optimizer_groups(self) -> list:
+        """Parameters of this signal that train with settings of their own (hf_kd.param_groups.OwnGroup)."""
+        return []
+
     def log_values(self) -> dict:
         """Extra values to log with the training logs (e.g. learned teacher weights)."""
         return {}

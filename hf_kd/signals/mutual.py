@@ -18,6 +18,7 @@ from torch import nn
 from ..align import predicting, task_loss_sum
 from ..capture import Needs
 from ..losses import forward_kl
+from ..param_groups import OwnGroup
 from ..tasks import base_model_of, task_of
 from .base import Context, Signal
 
@@ -26,12 +27,22 @@ class MutualLearning(Signal):
     normalizer = "kd"
     teacher_free = True  # no teacher: the models teach each other
 
-    def __init__(self, name="mutual", weight=1.0, *, peers: list[nn.Module], temperature: float = 1.0):
+    def __init__(self, name="mutual", weight=1.0, *, peers: list[nn.Module], temperature: float = 1.0,
+                 peer_optim: list[dict] | None = None):
         super().__init__(name, weight)
         if not peers:
             raise ValueError("mutual learning needs at least one peer model")
+        if peer_optim is not None and len(peer_optim) != len(peers):
+            raise ValueError(f"peer_optim: one settings dict per peer ({len(peers)}), got {len(peer_optim)}")
         self.peers = nn.ModuleList(peers)
         self.temperature = float(temperature)
+        self.peer_optim = [dict(o) for o in peer_optim] if peer_optim else [{} for _ in peers]
+        for i, settings in enumerate(self.peer_optim):
+            OwnGroup(f"peer_{i}", [], **settings)  # unknown keys fail here, not when training starts
+
+    def optimizer_groups(self) -> list[OwnGroup]:
+        return [OwnGroup(f"peer_{i}", list(peer.parameters()), **settings)
+                for i, (peer, settings) in enumerate(zip(self.peers, self.peer_optim)) if settings]
 
     def needs(self, side: str) -> Needs:
         return Needs(logits=side == "student")
@@ -68,6 +79,12 @@ class MutualLearning(Signal):
             base_model_of(peer).save_pretrained(folder)
             folders.append(folder)
         return folders
+
+
+    def ranked(self, student: nn.Module, score) -> list[tuple[str, float]]:
+        """[(name, score(model))] for the student and each peer ('student', 'peer_0', ...), best (highest) first."""
+        models = {"student": student, **{f"peer_{i}": p for i, p in enumerate(self.peers)}}
+        return sorted(((name, float(score(m))) for name, m in models.items()), key=lambda x: -x[1])
 
 
 def _no_cache(model) -> dict:
