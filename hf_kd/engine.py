@@ -19,7 +19,7 @@ from torch import nn
 
 from .align import padded_to_length, predicting, targets, task_loss_sum
 from .capture import Needs, lm_head_of
-from .losses import LOGIT_LOSSES
+from .losses import LOGIT_LOSSES, loss_kwargs
 from .losses.fused import fused_kd_ce
 from .losses.kd_ce import chunked_kd_ce
 from .signals.base import Context
@@ -70,7 +70,7 @@ class LogitEngine:
         s, t = predicting(ctx.student.logits, self.task), predicting(target, self.task)
         if self.vocab_limit is not None:
             s, t = s[..., :self.vocab_limit], t[..., :self.vocab_limit]
-        extra = {"beta": sig.beta} if sig.kind == "jsd" else {}
+        extra = loss_kwargs(sig.kind, beta=sig.beta, skew_alpha=sig.skew_alpha)
         return LOGIT_LOSSES[sig.kind](s, t, temperature=temperature, mask=mask, reduction="sum", **extra)
 
     # ---- chunked: rows of the logits, KD and the LM cross-entropy in one pass --------------------------------
@@ -102,7 +102,7 @@ class LogitEngine:
         mask = ctx.masks["kd"]
         if self.task == CAUSAL_LM:  # the kernel walks all T rows; the last position predicts nothing
             mask = padded_to_length(mask, False)
-        kw = dict(mask=mask.reshape(-1), kind=sig.kind, beta=sig.beta,
+        kw = dict(mask=mask.reshape(-1), kind=sig.kind, beta=sig.beta, skew_alpha=sig.skew_alpha,
                   temperature=sig.temperature.value(ctx.step, ctx.total_steps))
         cache = ctx.extra.get("cache")
         if cache:
@@ -123,7 +123,7 @@ class LogitEngine:
             (name,) = sig.teacher_names(ctx.default_teacher)  # one teacher: a mixture needs its logits
             wt, bt = lm_head_of(self.teachers[name])
             kw = dict(teacher_hidden=ctx.teachers[name].last_hidden.reshape(b * t, -1), teacher_head_weight=wt,
-                      teacher_head_bias=bt, kind=sig.kind, beta=sig.beta,
+                      teacher_head_bias=bt, kind=sig.kind, beta=sig.beta, skew_alpha=sig.skew_alpha,
                       temperature=sig.temperature.value(ctx.step, ctx.total_steps),
                       mask=padded_to_length(ctx.masks["kd"].to(hs.device), False).reshape(-1))
         labels = None

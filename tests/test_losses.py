@@ -133,19 +133,26 @@ def test_hidden_losses_reference():
 def test_registry_names():
     """Exactly these names, each mapped to the function it names, checked by value against the textbook formulas
     (not by identity alone: a registry entry that pointed at another loss would compute something else)."""
-    assert set(losses.LOGIT_LOSSES) == {"forward_kl", "reverse_kl", "jsd", "mse"}
+    assert set(losses.LOGIT_LOSSES) == {"forward_kl", "reverse_kl", "jsd", "mse", "skew_forward_kl", "skew_reverse_kl",
+                                        "tvd", "entropy_kl"}
     assert set(losses.HIDDEN_LOSSES) == {"cosine", "mse"}
     s, te = logits(3, 5, seed=20), logits(3, 5, seed=21)
     ps = [softmax(row, 1.0) for row in s.tolist()]
     pt = [softmax(row, 1.0) for row in te.tolist()]
     mix = [[(a + b) / 2 for a, b in zip(x, y)] for x, y in zip(pt, ps)]
+    skew = lambda x, y: [[0.1 * a + 0.9 * b for a, b in zip(u, v)] for u, v in zip(x, y)]  # noqa: E731
+    h = [-sum(x * math.log(x) for x in t) / math.log(5) for t in pt]
     want = {
         "forward_kl": sum(ref_kl(t, q) for t, q in zip(pt, ps)) / 3,
         "reverse_kl": sum(ref_kl(q, t) for t, q in zip(pt, ps)) / 3,
         "jsd": sum(0.5 * ref_kl(t, m) + 0.5 * ref_kl(q, m) for t, q, m in zip(pt, ps, mix)) / 3,
         "mse": sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), te.flatten().tolist())) / 15,
+        "skew_forward_kl": sum(ref_kl(t, m) for t, m in zip(pt, skew(pt, ps))) / 3,  # default skew_alpha 0.1
+        "skew_reverse_kl": sum(ref_kl(q, m) for q, m in zip(ps, skew(ps, pt))) / 3,
+        "tvd": sum(0.5 * sum(abs(a - b) for a, b in zip(t, q)) for t, q in zip(pt, ps)) / 3,
+        "entropy_kl": sum(w * ref_kl(t, q) + (1 - w) * ref_kl(q, t) for w, t, q in zip(h, pt, ps)) / 3,
     }
-    assert len(set(round(v, 6) for v in want.values())) == 4  # the four losses tell each other apart here
+    assert len(set(round(v, 6) for v in want.values())) == 8  # the eight losses tell each other apart here
     for name, fn in losses.LOGIT_LOSSES.items():
         assert float(fn(s, te)) == pytest.approx(want[name], rel=1e-5), name
     assert losses.LOGIT_LOSSES["forward_kl"] is forward_kl and losses.LOGIT_LOSSES["reverse_kl"] is reverse_kl

@@ -7,13 +7,18 @@ from .features import attention_probs_loss, attention_transfer, hint_loss, match
 from .gradients import great_discriminator_loss, great_generator_loss, input_gradient_matching
 from .hidden import hidden_cosine, hidden_mse
 from .relational import pooled, similarity_preserving
-from .logits import forward_kl, generalized_jsd, logit_mse, reduce, reverse_kl
+from .logits import (entropy_weighted_kl, forward_kl, generalized_jsd, logit_mse, loss_kwargs, reduce, reverse_kl,
+                     skew_forward_kl, skew_reverse_kl, total_variation)
 
 LOGIT_LOSSES = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
     "jsd": generalized_jsd,
     "mse": logit_mse,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": total_variation,
+    "entropy_kl": entropy_weighted_kl,
 }
 HIDDEN_LOSSES = {
     "cosine": hidden_cosine,
@@ -27,4 +32,5 @@ __all__ = [
     "CHUNKED_LOGIT_LOSSES", "chunked_kd_ce", "pooled", "similarity_preserving", "fused_kd_loss", "fused_kd_ce", "fused_cross_entropy",
 ]
 __all__ += ["hint_loss", "spatial_attention_map", "match_spatial", "attention_transfer", "attention_probs_loss",
-            "input_gradient_matching", "great_discriminator_loss", "great_generator_loss"]
+            "input_gradient_matching", "great_discriminator_loss", "great_generator_loss",
+            "skew_forward_kl", "skew_reverse_kl", "total_variation", "entropy_weighted_kl", "loss_kwargs"]

@@ -128,7 +128,7 @@ def _check_inputs(hs, ws, bs, ht, wt, bt, labels, mask, vocab_limit) -> None:
 
 def fused_kd_ce(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor | None = None,
                 teacher_head_weight: Tensor | None = None, *, labels: Tensor | None = None,
-                mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
+                mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5, skew_alpha: float = 0.1,
                 temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
                 student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None,
                 kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,38 +136,40 @@ def fused_kd_ce(student_hidden: Tensor, student_head_weight: Tensor, teacher_hid
     ``loss = kd_coef * KD + ce_coef * CE`` is differentiable, the two sums are detached (for logging).
 
     KD (when ``teacher_hidden`` is given): sum over positions with ``mask`` True (all if None) of the
-    ``kind`` loss (forward_kl, reverse_kl, jsd with ``beta``, mse) between z_S[:, :vocab_limit] and
-    z_T[:, :vocab_limit] at ``temperature`` (times T^2), as the reference functions with reduction="sum".
+    ``kind`` loss (one of :data:`hf_kd.losses.chunked.KINDS`; ``beta`` for jsd, ``skew_alpha`` for the skew KLs)
+    between z_S[:, :vocab_limit] and z_T[:, :vocab_limit] at ``temperature`` (times T^2), as the reference
+    functions with reduction="sum".
     CE (when ``labels`` [N] is given): sum over labels != -100 of cross_entropy(z_S, label) over the full
     student vocabulary (no temperature). A missing part is returned as 0.
     """
-    check_kind(kind, beta)
+    check_kind(kind, beta, skew_alpha)
     chunk_size = resolve_chunk_size(chunk_size or FUSED_CHUNK_ROWS, student_head_weight.shape[0])
     detach = (lambda x: None if x is None else x.detach())
     ht, wt, bt = detach(teacher_hidden), detach(teacher_head_weight), detach(teacher_head_bias)
     mask = None if mask is None else mask.to(student_hidden.device, torch.bool)
     labels = None if labels is None else labels.to(student_hidden.device)
     _check_inputs(student_hidden, student_head_weight, student_head_bias, ht, wt, bt, labels, mask, vocab_limit)
-    opts = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef))
+    opts = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef),
+                   float(skew_alpha))
     return _FusedHeadLoss.apply(student_hidden, student_head_weight, student_head_bias, ht, wt, bt, labels, mask,
                                 opts)
 
 
 def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor,
                   teacher_head_weight: Tensor, *, mask: Tensor | None = None, temperature: float = 1.0,
-                  kind: str = "forward_kl", beta: float = 0.5, chunk_size: int | None = None,
+                  kind: str = "forward_kl", beta: float = 0.5, skew_alpha: float = 0.1, chunk_size: int | None = None,
                   vocab_limit: int | None = None, student_head_bias: Tensor | None = None,
                   teacher_head_bias: Tensor | None = None, reduction: str = "sum") -> Tensor:
     """The ``kind`` logit loss between h_S W_S^T (+ b_S) and h_T W_T^T (+ b_T), chunk by chunk.
 
-    Equals ``LOGIT_LOSSES[kind](z_S, z_T, mask=mask, reduction=reduction)`` on the (never built) logits;
-    ``reduction`` "sum" or "mean" (over counted positions). Gradients reach student_hidden, the student
-    head weight and bias (a head tied to the embeddings accumulates as usual).
+    Equals ``LOGIT_LOSSES[kind](z_S, z_T, mask=mask, reduction=reduction, **loss_kwargs(kind, ...))`` on the
+    (never built) logits; ``reduction`` "sum" or "mean" (over counted positions). Gradients reach student_hidden,
+    the student head weight and bias (a head tied to the embeddings accumulates as usual).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     kd, _, _ = fused_kd_ce(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, mask=mask,
-                           kind=kind, beta=beta, temperature=temperature, chunk_size=chunk_size,
+                           kind=kind, beta=beta, skew_alpha=skew_alpha, temperature=temperature, chunk_size=chunk_size,
                            vocab_limit=vocab_limit, student_head_bias=student_head_bias,
                            teacher_head_bias=teacher_head_bias, ce_coef=0.0)
     if reduction == "mean":

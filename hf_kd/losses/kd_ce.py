@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .chunked import _log_softmax, check_kind, kd_rows, resolve_chunk_size
-from .logits import forward_kl, generalized_jsd, logit_mse, reverse_kl
+from . import logits as reference
 
 Tensor = torch.Tensor
 
@@ -49,6 +49,7 @@ class Options:
     vocab_limit: int | None
     kd_coef: float
     ce_coef: float
+    skew_alpha: float = 0.1
 
 
 def ce_rows(z: Tensor, labels: Tensor, need_grad: bool):
@@ -108,8 +109,8 @@ def chunk_kd_ce(zs: Tensor, teacher, labels: Tensor | None, kd_counted: Tensor |
         if isinstance(teacher, tuple):
             loss, g = topk_rows(student, *teacher, o.temperature, need)
         else:
-            loss, g = kd_rows(student, teacher[:, :width], o.kind, beta=o.beta, temperature=o.temperature,
-                              need_grad=need, overwrite=True)
+            loss, g = kd_rows(student, teacher[:, :width], o.kind, beta=o.beta, skew_alpha=o.skew_alpha,
+                              temperature=o.temperature, need_grad=need, overwrite=True)
         del student
         kd_sum = torch.where(kd_counted, loss, 0.0).sum(dtype=torch.float64)
         if need:
@@ -174,19 +175,19 @@ class _ChunkedKdCe(torch.autograd.Function):
 
 def chunked_kd_ce(student_logits: Tensor, teacher_logits: Tensor | None = None, *,
                   teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None, labels: Tensor | None = None,
-                  mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5,
+                  mask: Tensor | None = None, kind: str = "forward_kl", beta: float = 0.5, skew_alpha: float = 0.1,
                   temperature: float = 1.0, chunk_size: int | None = None, vocab_limit: int | None = None,
                   kd_coef: float = 1.0, ce_coef: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, KD sum, CE sum) over student logits [N, V], ``chunk_size`` rows at a time, with one stored gradient:
     ``loss = kd_coef * KD + ce_coef * CE`` is differentiable, the two sums are detached (for logging).
 
     KD (``teacher_logits`` [N, >= vocab_limit] or ``teacher_topk`` = (ids, log-probs, log tail mass) from a
-    cache): the ``kind`` loss at ``temperature`` (times T^2) summed over rows with ``mask`` [N] True (all if
-    None), over the first ``vocab_limit`` entries, as the reference functions with reduction="sum"; the cache
-    supports forward KL only. CE (``labels`` [N], -100 = ignored): cross_entropy(z_S, y) summed, no
-    temperature. A missing part is returned as 0.
+    cache): the ``kind`` loss (``beta`` for jsd, ``skew_alpha`` for the skew KLs) at ``temperature`` (times T^2)
+    summed over rows with ``mask`` [N] True (all if None), over the first ``vocab_limit`` entries, as the reference
+    functions with reduction="sum"; the cache supports forward KL only. CE (``labels`` [N], -100 = ignored):
+    cross_entropy(z_S, y) summed, no temperature. A missing part is returned as 0.
     """
-    check_kind(kind, beta)
+    check_kind(kind, beta, skew_alpha)
     if teacher_logits is not None and teacher_topk is not None:
         raise ValueError("give teacher_logits or teacher_topk, not both")
     if teacher_topk is not None and kind != "forward_kl":
@@ -207,20 +208,22 @@ def chunked_kd_ce(student_logits: Tensor, teacher_logits: Tensor | None = None, 
         mask.to(student_logits.device, torch.bool)
     labels = None if labels is None else labels.to(student_logits.device)
     chunk_size = resolve_chunk_size(chunk_size, vocab)
-    o = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef))
+    o = Options(kind, float(beta), float(temperature), chunk_size, vocab_limit, float(kd_coef), float(ce_coef),
+                float(skew_alpha))
     return _ChunkedKdCe.apply(student_logits, zt, ids, log_p, log_r, labels, mask, o)
 
 
 def chunked_logit_loss(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward_kl", *,
-                       beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None,
-                       reduction: str = "mean", chunk_size: int | None = None, vocab_limit: int | None = None) -> Tensor:
-    """Logit loss ``kind`` (forward_kl, reverse_kl, jsd, mse) over logits [..., V], computed by the chunk loop of
-    :func:`chunked_kd_ce` (no task term). ``mask`` (leading shape, True = counted) and ``reduction`` as in the
+                       beta: float = 0.5, skew_alpha: float = 0.1, temperature: float = 1.0,
+                       mask: Tensor | None = None, reduction: str = "mean", chunk_size: int | None = None,
+                       vocab_limit: int | None = None) -> Tensor:
+    """Logit loss ``kind`` (one of :data:`hf_kd.losses.chunked.KINDS`) over logits [..., V], computed by the chunk
+    loop of :func:`chunked_kd_ce` (no task term). ``mask`` (leading shape, True = counted) and ``reduction`` as in the
     reference functions; ``vocab_limit`` compares only the first ``vocab_limit`` entries (the student's others get
     zero gradient). A strided view (e.g. logits[:, :-1]) is copied into rows first. ``reduction="none"`` (one value
     per position) is computed by the reference function: per-position outputs keep [N, V] temporaries anyway.
     """
-    check_kind(kind, beta)
+    check_kind(kind, beta, skew_alpha)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
@@ -231,26 +234,30 @@ def chunked_logit_loss(student_logits: Tensor, teacher_logits: Tensor, kind: str
     if mask is not None and mask.shape != lead:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the logits' leading shape {tuple(lead)}")
     if reduction == "none":
-        fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": generalized_jsd, "mse": logit_mse}[kind]
-        extra = {"beta": beta} if kind == "jsd" else {}
+        fn = {"forward_kl": reference.forward_kl, "reverse_kl": reference.reverse_kl, "jsd": reference.generalized_jsd,
+              "mse": reference.logit_mse, "skew_forward_kl": reference.skew_forward_kl,
+              "skew_reverse_kl": reference.skew_reverse_kl, "tvd": reference.total_variation,
+              "entropy_kl": reference.entropy_weighted_kl}[kind]
+        extra = reference.loss_kwargs(kind, beta=beta, skew_alpha=skew_alpha)
         return fn(student_logits[..., :width], teacher_logits[..., :width].detach(), temperature=temperature,
                   mask=mask, reduction="none", **extra)
     n = lead.numel()
     flat_mask = None if mask is None else mask.reshape(-1)
     loss, _, _ = chunked_kd_ce(student_logits.reshape(n, vocab), teacher_logits.reshape(n, -1), mask=flat_mask,
-                               kind=kind, beta=beta, temperature=temperature, chunk_size=chunk_size,
-                               vocab_limit=vocab_limit, kd_coef=1.0, ce_coef=0.0)
+                               kind=kind, beta=beta, skew_alpha=skew_alpha, temperature=temperature,
+                               chunk_size=chunk_size, vocab_limit=vocab_limit, kd_coef=1.0, ce_coef=0.0)
     if reduction == "mean":
         loss = loss / max(n if mask is None else int(mask.sum()), 1)
     return loss
 
 
 def _kind_of(kind: str, doc: str):
-    def loss(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
-             mask: Tensor | None = None, reduction: str = "mean", chunk_size: int | None = None,
-             vocab_limit: int | None = None) -> Tensor:
-        return chunked_logit_loss(student_logits, teacher_logits, kind, beta=beta, temperature=temperature, mask=mask,
-                                  reduction=reduction, chunk_size=chunk_size, vocab_limit=vocab_limit)
+    def loss(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, skew_alpha: float = 0.1,
+             temperature: float = 1.0, mask: Tensor | None = None, reduction: str = "mean",
+             chunk_size: int | None = None, vocab_limit: int | None = None) -> Tensor:
+        return chunked_logit_loss(student_logits, teacher_logits, kind, beta=beta, skew_alpha=skew_alpha,
+                                  temperature=temperature, mask=mask, reduction=reduction, chunk_size=chunk_size,
+                                  vocab_limit=vocab_limit)
     loss.__name__, loss.__doc__ = f"chunked_{kind}", doc
     return loss
 
@@ -259,5 +266,12 @@ chunked_forward_kl = _kind_of("forward_kl", "T^2 * KL(p_T || p_S), chunked (see 
 chunked_reverse_kl = _kind_of("reverse_kl", "T^2 * KL(p_S || p_T), chunked (see :func:`chunked_logit_loss`).")
 chunked_generalized_jsd = _kind_of("jsd", "T^2 * JSD_beta (beta 0 = forward KL, 1 = reverse KL), chunked.")
 chunked_logit_mse = _kind_of("mse", "mean_v (z_S - z_T)^2 per position, chunked; no temperature, as the reference.")
+chunked_skew_forward_kl = _kind_of("skew_forward_kl", "T^2 * KL(p_T || a p_T + (1 - a) p_S), a = skew_alpha.")
+chunked_skew_reverse_kl = _kind_of("skew_reverse_kl", "T^2 * KL(p_S || (1 - a) p_T + a p_S), a = skew_alpha.")
+chunked_total_variation = _kind_of("tvd", "T^2 * 0.5 * sum_v |p_T - p_S|, chunked (see :func:`chunked_logit_loss`).")
+chunked_entropy_weighted_kl = _kind_of("entropy_kl", "T^2 * [h KL(p_T || p_S) + (1 - h) KL(p_S || p_T)], "
+                                       "h = H(p_T) / log V, chunked.")
 CHUNKED_LOGIT_LOSSES = {"forward_kl": chunked_forward_kl, "reverse_kl": chunked_reverse_kl,
-                        "jsd": chunked_generalized_jsd, "mse": chunked_logit_mse}
+                        "jsd": chunked_generalized_jsd, "mse": chunked_logit_mse,
+                        "skew_forward_kl": chunked_skew_forward_kl, "skew_reverse_kl": chunked_skew_reverse_kl,
+                        "tvd": chunked_total_variation, "entropy_kl": chunked_entropy_weighted_kl}

@@ -34,9 +34,11 @@ class TaskLoss(Signal):
 
 class LogitKD(Signal):
     """Temperature-scaled logit distillation: T^2 * KL(softmax(z_T/T) || softmax(z_S/T)) per position ('forward_kl',
-    Hinton et al. 2015), or reverse KL, generalised JSD (``beta``), or MSE of the logits (no temperature; with a
-    regression head this is output matching, ||y_T - y_S||^2). Summed over the positions of the 'kd' mask
-    (every non-padding position or example by default: unlabelled examples count), normalised by their count.
+    Hinton et al. 2015), or reverse KL, generalised JSD (``beta``), the skew KLs (``skew_alpha``), total variation,
+    the teacher-entropy mix of forward and reverse KL (:data:`hf_kd.losses.LOGIT_LOSSES`), or MSE of the logits (no
+    temperature; with a regression head this is output matching, ||y_T - y_S||^2). Summed over the positions of the
+    'kd' mask (every non-padding position or example by default: unlabelled examples count), normalised by their
+    count.
 
     Several ``teachers`` (names): the target is the mixture sum_k w_k softmax(z_k / T_k) (``teacher_temperatures``
     T_k, default T), with ``mixing``: 'fixed' (``teacher_weights``, default uniform), 'learned' (w = softmax of
@@ -51,13 +53,15 @@ class LogitKD(Signal):
 
     def __init__(self, name="kd", weight=1.0, *, kind="forward_kl", beta=0.5, temperature: float | Schedule = 2.0,
                  teachers: list[str] | None = None, mixing: str = "fixed", teacher_weights=None,
-                 teacher_temperatures=None):
+                 teacher_temperatures=None, skew_alpha: float = 0.1):
         super().__init__(name, weight)
         if kind not in LOGIT_LOSSES:
             raise ValueError(f"kd_loss {kind!r} unknown; choose one of {sorted(LOGIT_LOSSES)}")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {beta}")
-        self.kind, self.beta = kind, float(beta)
+        if not 0.0 <= skew_alpha < 1.0:
+            raise ValueError(f"skew_alpha must be in [0, 1), got {skew_alpha}")
+        self.kind, self.beta, self.skew_alpha = kind, float(beta), float(skew_alpha)
         self.temperature = temperature if isinstance(temperature, Schedule) else Schedule.constant(temperature)
         if not self.temperature.start > 0 or (self.temperature.end is not None and not self.temperature.end > 0):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
