@@ -19,7 +19,7 @@ from torch import nn
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import DistillationConfig
-from .curriculum import read_weights
+from .curriculum import load_weights
 from .experiment import Interrupted
 from .student import find_layers
 from .tasks import base_model_of
@@ -53,7 +53,7 @@ def distill_chain(teacher: nn.Module, students: list[nn.Module], args: Distillat
         folder = os.path.join(args.output_dir, f"stage_{i}")
         marker = os.path.join(folder, DONE)
         if os.path.isfile(marker):  # finished earlier: reuse the saved student as the next teacher
-            base_model_of(student).load_state_dict(read_weights(folder), strict=False)
+            load_weights(base_model_of(student), folder)
             trainers.append(None)
         else:
             stage_args = dataclasses.replace(args, output_dir=folder)

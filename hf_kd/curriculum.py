@@ -9,29 +9,37 @@ logged as ``teacher_checkpoint``.
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 
-import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from .tasks import base_model_of
 
 
-def read_weights(folder: str) -> dict:
-    """The state dict saved in a model folder (model.safetensors, sharded safetensors, or pytorch_model.bin)."""
-    from safetensors.torch import load_file
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(os.path.join(folder, shard)).items()}
-    if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"teacher checkpoint {folder!r} holds no model.safetensors(.index.json) or "
-                            "pytorch_model.bin: pass folders written by save_pretrained / Trainer checkpoints")
+def load_weights(model: nn.Module, folder: str) -> None:
+    """Load the weights saved in ``folder`` (save_pretrained / Trainer checkpoint) into ``model`` in place.
+
+    Read through ``from_pretrained`` of the model's class, so checkpoints in an older layout (renamed keys) load as
+    transformers loads them; the folder's weights are in memory twice only while they are copied. Refuses a
+    folder whose weights do not fit the model."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint {folder!r} not found")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            loaded = type(model).from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {folder!r} does not fit the model: {e}") from e
+    state = loaded.state_dict()
+    del loaded
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not k.startswith("hf_kd_signals.")]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"checkpoint {folder!r} does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}")
 
 
 def switch_points(n: int, switch_at: list[float] | None) -> list[float]:
@@ -60,12 +68,7 @@ class TeacherCurriculum(TrainerCallback):
         index = self.stage(state.global_step, state.max_steps)
         if index == self.loaded:
             return
-        model = base_model_of(self.teacher)
-        result = model.load_state_dict(read_weights(self.checkpoints[index]), strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise ValueError(f"teacher checkpoint {self.checkpoints[index]!r} does not fit the teacher: missing "
-                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        load_weights(base_model_of(self.teacher), self.checkpoints[index])
         self.loaded = index
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -73,7 +73,7 @@ def baseline_args(args: DistillationConfig, output_dir: str) -> DistillationConf
     """``args`` for the no-teacher baseline: the task loss alone (``alpha_task=1``), every teacher term's weight 0
     (logits, hidden states, relations, hints, attention, gradients: each ``*_weight`` field of DistillationConfig),
     no weight or temperature schedule, no hint-only first stage or progressive stages, one teacher's mixing
-    defaults; no push, no checkpoints, a fresh run in
+    defaults, no teacher route; no push, no checkpoints, a fresh run in
     ``output_dir``. Data, steps, optimiser, learning-rate schedule and seed are unchanged."""
     own = ({f.name for f in dataclasses.fields(DistillationConfig)}
            - {f.name for f in dataclasses.fields(TrainingArguments)})  # the distillation fields
@@ -82,7 +82,8 @@ def baseline_args(args: DistillationConfig, output_dir: str) -> DistillationConf
     ends = {n: None for n in own if n.endswith("_end") and n[:-len("_end")] in scheduled}
     return dataclasses.replace(args, output_dir=output_dir, **weights, **ends, alpha_task=1.0,
                                weight_schedule="constant", hint_first_stage=0.0, progressive=False,
-                               teacher_weights="uniform", teacher_temperatures=None, push_to_hub=False,
+                               teacher_weights="uniform", teacher_temperatures=None, teacher_checkpoints=None,
+                               push_to_hub=False,
                                save_strategy="no", resume_from_checkpoint=None)
 
 

@@ -21,6 +21,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 from hf_kd import DistillationTrainer, make_student
 from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
 from hf_kd.report import evaluate
+from hf_kd_recipes.image_modes import prepare_teacher_route, run_staged, teachers
 from hf_kd_recipes.image_teacher import LABELS, make_processor, prepare_teacher, splits
 from hf_kd_recipes.job_args import JobArguments, parse
 
@@ -47,6 +48,16 @@ class ImageJob(JobArguments):
     eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or "
                                         "'validation' (for choosing settings)."})
     eval_images: int = dataclasses.field(default=0, metadata={"help": "Evaluated digits (0 = the whole split)."})
+    teachers: str = dataclasses.field(default="vit", metadata={"help": "The teacher, or several: comma-separated "
+                                      "from 'vit' (the ViT teacher) and 'resnet' (a CNN teacher trained by "
+                                      "image_modes.py); combined by teacher_weights / teacher_temperatures."})
+    teacher_route: bool = dataclasses.field(default=False, metadata={"help": "Route-constrained optimisation: the "
+                                            "ViT teacher's training snapshots as successive teachers "
+                                            "(teacher_checkpoints, switched at teacher_switch_at)."})
+    mode: str = dataclasses.field(default="distill", metadata={"help": "'distill' (one run, then the baseline), "
+                                  "'chain' (teacher -> geometric-mean assistant -> student, vs direct at equal total "
+                                  "steps) or 'born_again' (`generations` students, each taught by the previous)."})
+    generations: int = dataclasses.field(default=2, metadata={"help": "Born-again generations."})
     threads: int = dataclasses.field(default=1, metadata={"help": "torch intra-op threads during the job (these "
                                      "models are too small to gain from more; 0 = leave torch's setting)."})
 
@@ -115,15 +126,21 @@ def run(job: ImageJob, args) -> dict:
         model.load_state_dict(initial)
         return model
 
-    # 3. Distil (with --dry_run the Trainer must not create the Hub repo: the report dry-runs the push instead)
+    # 3. Distil: a staged mode (chain, born-again) trains several models and writes its own report
+    if job.mode != "distill":
+        return run_staged(job.mode, args, teacher, new_student, job.generations, train_digits, eval_batches)
+    teacher_model = teachers(job.teachers, teacher, job.quick, data)
+    if job.teacher_route:
+        args = dataclasses.replace(args, teacher_checkpoints=",".join(prepare_teacher_route(job.quick, data)))
+    # (with --dry_run the Trainer must not create the Hub repo: the report dry-runs the push instead)
     push = args.push_to_hub
     if push and job.dry_run:
         args = dataclasses.replace(args, push_to_hub=False)
     student = new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_digits,
-                                  processing_class=processor)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args,
+                                  train_dataset=train_digits, processing_class=processor)
     seconds = {"distillation": train(trainer)}
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
     histories = {"distillation": trainer.state.log_history}
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     job, args = parse(ImageJob, argv, DEFAULTS, QUICK)
     with torch_threads(job.threads):
         report = run(job, args)
-    print(f"student saved to {args.output_dir}; report: {args.output_dir}/report.md")
+    name = {"chain": "chain_report.md", "born_again": "born_again_report.md"}.get(job.mode, "report.md")
+    print(f"student(s) saved under {args.output_dir}; report: {args.output_dir}/{name}")
     return report
 
 

@@ -63,13 +63,19 @@ def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Te
     return torch.stack([padded[i, :, b:b + size, a:a + size] for i, (a, b) in enumerate(zip(dx, dy))])
 
 
-def train_teacher(recipe: dict, data: dict):
-    """A ViT trained from scratch (AdamW, one-cycle schedule, random shifts) on the teacher split; prints progress."""
-    torch.manual_seed(recipe["seed"])
+def vit_teacher_model(recipe: dict):
     keys = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    model = ViTForImageClassification(ViTConfig(num_channels=3, num_labels=10, id2label=LABELS,
+    return ViTForImageClassification(ViTConfig(num_channels=3, num_labels=10, id2label=LABELS,
                                                 label2id={v: k for k, v in LABELS.items()},
                                                 **{k: recipe[k] for k in keys}))
+
+
+def train_teacher(recipe: dict, data: dict, build=vit_teacher_model, on_epoch=None):
+    """A classifier (default: the recipe's ViT; ``build(recipe)`` for another) trained from scratch (AdamW,
+    one-cycle schedule, random shifts) on the teacher split; prints progress; ``on_epoch(epoch, model)`` after
+    each epoch (e.g. to keep snapshots)."""
+    torch.manual_seed(recipe["seed"])
+    model = build(recipe)
     x, y = data["teacher_train"]
     bs, steps_per_epoch = recipe["batch_size"], -(-len(y) // recipe["batch_size"])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
@@ -87,8 +93,11 @@ def train_teacher(recipe: dict, data: dict):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        print(f"[hf_kd] ViT teacher epoch {epoch + 1}/{recipe['epochs']}: loss {loss.item():.3f}, validation accuracy "
-              f"{accuracy(model, *data['validation']):.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
+        print(f"[hf_kd] {type(model).__name__} teacher epoch {epoch + 1}/{recipe['epochs']}: loss {loss.item():.3f}, "
+              f"validation accuracy {accuracy(model, *data['validation']):.3f}, {time.perf_counter() - start:.0f} s",
+              flush=True)
     return model.eval(), time.perf_counter() - start
 
 
