@@ -13,11 +13,22 @@ the teacher gives it, not to shape it. ``scripts/cache_error.py`` measures the g
 :func:`topk_kl` is the reference; the trainer computes the same loss (and the student's CE) chunk by chunk
 with an analytic gradient (:mod:`hf_kd.losses.kd_ce`), so no full-vocabulary float32 log-probabilities of the
 student are built either.
+
+One cache (or served teacher, :mod:`hf_kd.served`) made at T0 = 1 serves every training temperature T by
+re-tempering (:func:`retemper`): p_T(v) is proportional to p_T0(v)^b with b = T0 / T, exact for the top-k
+entries; the tail needs sum_{v not in K} p_v^b, which the mass r alone does not fix. If the tail were n equal
+tokens it would be n^(1-b) r^b; every tail token is at most p_k (the k-th largest probability), so n lies between
+n_min = max(r / p_k, 1) (the tail piled up at p_k) and n_max = V - k (spread evenly, the largest value for T > T0).
+:func:`retemper` takes the geometric midpoint n = sqrt(n_min n_max) and renormalises over the k + 1 buckets: exact
+at T = T0, and the ids and the ratios inside the top-k are always exact (only the head/tail split is estimated).
+On SmolLM2-135M (``scripts/retemper_error.py``) the re-tempered head mass is off by a factor of about
+exp(0.05) at T = 1.5 and exp(0.2) at T = 2 (k = 32), where the uniform tail (n = n_max) is off by exp(0.7) and exp(1.2).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -37,6 +48,27 @@ def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     values, ids = log_p.topk(k, dim=-1)
     return ids, values, log1mexp(torch.logsumexp(values, dim=-1))
+
+
+def retemper(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, vocab_size: int, temperature: float,
+             from_temperature: float = 1.0):
+    """(log-probs [..., k], log tail mass [...]) at ``temperature`` from top-k targets made at ``from_temperature``
+    over a ``vocab_size`` vocabulary; the tail's tempered mass is estimated (module doc). Unchanged (the same
+    tensors) when the temperatures are equal; otherwise float32."""
+    if temperature == from_temperature:
+        return topk_logprobs, tail_logmass
+    b = from_temperature / temperature
+    head = topk_logprobs.float() * b
+    k = head.shape[-1]
+    if vocab_size <= k:  # no tail: the top-k is the whole distribution
+        head = head - torch.logsumexp(head, dim=-1, keepdim=True)
+        return head, log1mexp(torch.logsumexp(head, dim=-1))
+    log_r = tail_logmass.float()
+    log_n_min = (log_r - topk_logprobs.float().amin(dim=-1)).clamp(min=0.0)  # log max(r / p_k, 1)
+    log_n = 0.5 * (log_n_min + math.log(vocab_size - k))
+    tail = b * log_r + (1.0 - b) * log_n
+    z = torch.logsumexp(torch.cat([head, tail.unsqueeze(-1)], dim=-1), dim=-1)
+    return head - z.unsqueeze(-1), tail - z
 
 
 def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -61,18 +93,20 @@ def cached_kl_sum(student_logits, cached: dict, mask, task: str, temperature: fl
 
 
 def check_cache(meta: dict, student, signals, task: str) -> None:
-    """Fail fast when a cache cannot serve this student and its logit-distillation signal."""
-    problems = []
+    """Fail fast when a cache (or a served teacher: ``meta['source']``) cannot serve this student and its
+    logit-distillation signal. Targets made at T = 1 serve any one training temperature (:func:`retemper`)."""
+    problems, source = [], meta.get("source", "teacher_cache")
     for sig in signals:
         temperature = getattr(sig, "temperature", None)
         if temperature is None:
             continue
         if temperature.varies:
-            problems.append(f"signal {sig.name!r} schedules its temperature, but a cache holds the teacher at one "
-                            f"temperature ({meta['temperature']}): drop temperature_end or train online")
-        elif abs(meta["temperature"] - temperature.start) > 1e-9:
+            problems.append(f"signal {sig.name!r} schedules its temperature, but the targets are re-tempered to one "
+                            f"temperature: drop temperature_end or train online")
+        elif abs(meta["temperature"] - temperature.start) > 1e-9 and meta["temperature"] != 1.0:
             problems.append(f"the cache was made at temperature {meta['temperature']}, the config asks for "
-                            f"{temperature.start} (set temperature={meta['temperature']} or remake the cache)")
+                            f"{temperature.start} (set temperature={meta['temperature']}, or remake the cache at "
+                            "temperature 1, which serves every temperature)")
         if sig.kind != "forward_kl":  # checked whatever its weight, also one that starts at 0
             problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {sig.kind!r}")
     if meta["vocab_size"] != student.config.vocab_size:
@@ -80,7 +114,7 @@ def check_cache(meta: dict, student, signals, task: str) -> None:
     if task != "causal_lm":
         problems.append(f"teacher caches are made for causal LMs; this student is a {task} model")
     if problems:
-        raise ValueError("teacher_cache " + "; ".join(problems))
+        raise ValueError(f"{source}: " + "; ".join(problems))
 
 
 @torch.inference_mode()

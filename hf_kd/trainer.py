@@ -30,6 +30,7 @@ from .curriculum import TeacherCurriculum
 from .engine import LogitEngine, logit_needs
 from .pairs import check_pair, load_teacher, shared_vocab, teacher_dtype
 from .schedules import Schedule
+from .served import TopkCollator, connect
 from .signals import WEIGHT_FIELDS, Context, Signal, from_config
 from .tasks import base_model_of, task_of
 from .teacher_cache import CACHE_COLUMNS, check_cache, load_teacher_cache
@@ -48,20 +49,23 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                  teacher_processing_class=None, signals: list[Signal] | None = None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
-        no_teacher = teacher_model is None and args.teacher_cache is None
+        no_teacher = teacher_model is None and args.teacher_cache is None and args.teacher_url is None
         teacher_free = signals or args.mutual_weight > 0 or args.self_distill_weight > 0
-        if model is None or (teacher_model is not None and args.teacher_cache is not None) or (
-                no_teacher and not teacher_free):
-            raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model= or "
-                             "args.teacher_cache (a folder made by `hf-kd cache-teacher`), not both (or, with no "
+        sources = sum(x is not None for x in (teacher_model, args.teacher_cache, args.teacher_url))
+        if model is None or sources > 1 or (no_teacher and not teacher_free):
+            raise ValueError("DistillationTrainer needs model= (the student) and one of teacher_model=, "
+                             "args.teacher_cache (a folder made by `hf-kd cache-teacher`) or args.teacher_url (a "
+                             "server started by `hf-kd serve-teacher`), not two (or, with no "
                              "teacher at all, signals that need none: mutual learning, self-distillation)")
         self.task = task_of(model)
         self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)
-        self.kd_vocab, cache_meta, teachers = None, None, {}
+        self.kd_vocab, cache_meta, teachers, client = None, None, {}, None
         if args.teacher_cache is not None:
             dataset, cache_meta = load_teacher_cache(args.teacher_cache)
             kwargs.setdefault("train_dataset", dataset)
+        elif args.teacher_url is not None:  # the cache's columns per batch, from the server (hf_kd.served)
+            client, cache_meta = connect(args.teacher_url, student, kwargs.get("processing_class"))
         else:
             reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
             if args.should_save:
@@ -72,6 +76,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.signals = self._build_signals(args, teachers, student, signals or [], cache_meta)
         self._attach_signals(model, student)
         super().__init__(model=model, args=args, **kwargs)
+        if client is not None or (cache_meta is not None and cache_meta["temperature"] != args.temperature):
+            self.data_collator = TopkCollator(self.data_collator, client, cache_meta["vocab_size"], args.temperature,
+                                              cache_meta["temperature"])  # fetch and/or re-temper the top-k
         self.teachers = {name: self._prepare_teacher(t) for name, t in teachers.items()}
         self.teacher = self.teachers.get(self.default_teacher)  # the default (first) teacher
         self.curriculum = self._curriculum(args)

@@ -5,6 +5,7 @@
     hf-kd distill-image [flags]   recipes/distill_image.py: image classifier (ViT teacher on MNIST-5k -> ViT / CNN)
     hf-kd distill-textcls [flags] recipes/distill_textcls.py: text classifier (MiniLM-L6 on 20 Newsgroups -> 3 layers)
     hf-kd cache-teacher [flags]   recipes/cache_teacher.py: run a teacher once, store its top-k distribution
+    hf-kd serve-teacher MODEL     recipes/serve_teacher.py: serve a teacher's top-k over HTTP (--teacher_url)
 
 Every DistillationConfig field is a flag (e.g. --max_steps 20 --temperature 4); --config file.yaml too;
 `hf-kd COMMAND --help` lists them.
@@ -21,6 +22,7 @@ COMMANDS = {
     "distill-image": "hf_kd_recipes.distill_image",
     "distill-textcls": "hf_kd_recipes.distill_textcls",
     "cache-teacher": "hf_kd_recipes.cache_teacher",
+    "serve-teacher": "hf_kd_recipes.serve_teacher",
 }
 
 
