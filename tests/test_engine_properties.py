@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_kd.losses import LOGIT_LOSSES, chunked_kd_ce, chunked_logit_loss, fused_kd_ce
+from hf_kd.losses import LOGIT_LOSSES, chunked_kd_ce, chunked_logit_loss, fused_kd_ce, loss_kwargs
 
 from .scripts.tiny import one_thread  # noqa: F401  (autouse fixture)
 
@@ -49,7 +49,7 @@ def tensors(c):
 def reference(zs, zt, mask, labels, c):
     """kd_coef * KD + ce_coef * CE from the reference functions, on float32 copies."""
     w = c["width"] or c["v"]
-    extra = {"beta": c["beta"]} if c["kind"] == "jsd" else {}
+    extra = loss_kwargs(c["kind"], beta=c["beta"], skew_alpha=c.get("skew_alpha", 0.1))
     kd = LOGIT_LOSSES[c["kind"]](zs[:, :w].float(), zt[:, :w].float(), temperature=c["temperature"], mask=mask,
                                  reduction="sum", **extra)
     ce = F.cross_entropy(zs.float(), labels, ignore_index=-100, reduction="sum") if labels is not None else 0.0 * kd
@@ -121,6 +121,77 @@ def test_chunked_logit_loss_equals_the_reference(c, reduction):
                                   reduction=reduction, **extra)
     ref.backward()
     check(mine.detach(), leaf.grad, ref.detach(), ref_leaf.grad, c["dtype"] == torch.bfloat16)
+
+
+# The divergences added for LLM distillation get strategies and tests of their own, so that the examples drawn for
+# the kinds above (derandomized: they depend on the tests' source) stay the ones they have always been.
+NEW_KINDS = ["skew_forward_kl", "skew_reverse_kl", "tvd", "entropy_kl"]
+
+
+def check_new(mine, mine_grad, ref, ref_grad, bf16):
+    """``check`` with an absolute floor of 1e-7 on float32 gradients. Where the student nearly equals the teacher, the
+    loss (~1e-8) and its gradient (~1e-5) are differences of probabilities of order 1, which both float32 paths round
+    at ~1e-9 (measured, skew KLs at skew_alpha 0.9: both ~3e-4 relative off a float64 evaluation, in opposite ways)."""
+    if bf16:
+        return check(mine, mine_grad, ref, ref_grad, bf16)
+    check(mine, mine_grad, ref, ref_grad.float() + (mine_grad.float() - ref_grad.float()).clamp(-1e-7, 1e-7), bf16)
+
+
+@st.composite
+def new_kind_cases(draw):
+    c = draw(cases())
+    return {**c, "kind": draw(st.sampled_from(NEW_KINDS)), "skew_alpha": draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]))}
+
+
+@budget
+@given(new_kind_cases())
+def test_new_divergences_chunked_kd_ce_equals_the_reference(c):
+    zs, zt, mask, labels = tensors(c)
+    leaf = zs.detach().clone().requires_grad_(True)
+    loss, _, _ = chunked_kd_ce(leaf, zt, labels=labels, mask=mask, kind=c["kind"], skew_alpha=c["skew_alpha"],
+                               temperature=c["temperature"], chunk_size=c["chunk"], vocab_limit=c["width"],
+                               kd_coef=c["coefs"][0], ce_coef=c["coefs"][1])
+    (2.0 * loss).backward()
+    ref_leaf = zs.detach().float().requires_grad_(True)
+    ref = reference(ref_leaf, zt, mask, labels, c)
+    (2.0 * ref).backward()
+    check_new(loss.detach(), leaf.grad, ref.detach(), ref_leaf.grad, c["dtype"] == torch.bfloat16)
+
+
+@budget
+@given(new_kind_cases(), st.integers(1, 6), st.sampled_from(["sum", "mean"]))
+def test_new_divergences_fused_and_chunked_logit_loss_equal_the_reference(c, d, reduction):
+    """The fused head loss (hidden states and heads, as above) and the chunked reference-shaped loss."""
+    g = torch.Generator().manual_seed(c["seed"] + 1)
+    n, v = c["n"], c["v"]
+    hs, ht = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    ws, wt = torch.randn(v, d, generator=g) * c["scale"] / 3, torch.randn(v + 3, d, generator=g) * c["scale"] / 3
+    bs, bt = torch.randn(v, generator=g), torch.randn(v + 3, generator=g)
+    _, _, mask, labels = tensors(c)
+    leaves = [x.clone().to(c["dtype"]).requires_grad_(True) for x in (hs, ws, bs)]
+    loss, _, _ = fused_kd_ce(leaves[0], leaves[1], ht.to(c["dtype"]), wt.to(c["dtype"]), labels=labels, mask=mask,
+                             kind=c["kind"], skew_alpha=c["skew_alpha"], temperature=c["temperature"],
+                             chunk_size=c["chunk"], vocab_limit=c["width"] or v, student_head_bias=leaves[2],
+                             teacher_head_bias=bt.to(c["dtype"]), kd_coef=c["coefs"][0], ce_coef=c["coefs"][1])
+    loss.backward()
+    ref_leaves = [x.clone().to(c["dtype"]).float().requires_grad_(True) for x in (hs, ws, bs)]
+    zs = F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2])
+    zt = F.linear(ht.to(c["dtype"]).float(), wt.to(c["dtype"]).float(), bt.to(c["dtype"]).float())
+    ref = reference(zs, zt, mask, labels, {**c, "width": c["width"] or v})
+    ref.backward()
+    for mine, theirs in zip(leaves, ref_leaves):
+        check_new(loss.detach(), mine.grad, ref.detach(), theirs.grad, c["dtype"] == torch.bfloat16)
+    zs, zt, mask, _ = tensors(c)
+    w, extra = c["width"] or v, loss_kwargs(c["kind"], skew_alpha=c["skew_alpha"])
+    leaf = zs.detach().clone().requires_grad_(True)
+    mine = chunked_logit_loss(leaf, zt, c["kind"], skew_alpha=c["skew_alpha"], temperature=c["temperature"], mask=mask,
+                              reduction=reduction, chunk_size=c["chunk"], vocab_limit=c["width"])
+    mine.backward()
+    ref_leaf = zs.detach().float().requires_grad_(True)
+    ref = LOGIT_LOSSES[c["kind"]](ref_leaf[:, :w], zt[:, :w].float(), temperature=c["temperature"], mask=mask,
+                                  reduction=reduction, **extra)
+    ref.backward()
+    check_new(mine.detach(), leaf.grad, ref.detach(), ref_leaf.grad, c["dtype"] == torch.bfloat16)
 
 
 @pytest.mark.parametrize("impl", ["full", "chunked", "fused"])
