@@ -41,16 +41,17 @@ from hf_kd.report import evaluate  # noqa: E402
 from hf_kd.views import MultiViewCollator, random_shift  # noqa: E402
 from hf_kd_recipes.distill_image import DEFAULTS, ImageJob, build_student  # noqa: E402
 from hf_kd_recipes.image_teacher import MEAN, STD, TEACHER, make_processor, prepare_teacher, splits  # noqa: E402
+import methods_modes as modes  # noqa: E402
 
 PAIRS = {"resnet": "vit.layers.1:resnet.encoder.stages.0,vit.layers.3:resnet.encoder.stages.1",
          "vit": "vit.layers.1:vit.layers.0,vit.layers.3:vit.layers.1"}
 KD = dict(alpha_task=0.5, kd_weight=0.5, temperature=4.0, kd_loss="forward_kl")  # the recipe's logit KD
-BOTH, VIT, REG = ("resnet", "vit"), ("vit",), ("resnet",)
+BOTH, VIT, REG, TINY = ("resnet", "vit"), ("vit",), ("resnet",), ("tiny",)
 # name: (students, weight field or None, weight per student (chosen by the validation pilot,
 # results/methods_pilot.json), fixed fields; a callable gets the student kind)
 METHODS = {
-    "baseline": (BOTH, None, None, dict(alpha_task=1.0, kd_weight=0.0)),
-    "kd": (BOTH, None, None, {}),
+    "baseline": (BOTH + TINY, None, None, dict(alpha_task=1.0, kd_weight=0.0)),
+    "kd": (BOTH + TINY, None, None, {}),
     "hidden": (VIT, "hidden_weight", dict(vit=10.0), dict(hidden_loss="cosine", use_projection=True)),
     "hints": (BOTH, "hint_weight", dict(resnet=0.3, vit=3.0), lambda s: dict(hint_layers=PAIRS[s])),
     "hints_norm": (BOTH, "hint_weight", dict(resnet=0.3, vit=10.0),
@@ -67,9 +68,10 @@ METHODS = {
     "baseline_multiview": (BOTH, None, None, dict(alpha_task=1.0, kd_weight=0.0)),  # the same views, no teacher
     "reg_baseline": (REG, None, None, dict(alpha_task=1.0, kd_weight=0.0)),  # regression: MSE on the target
     "reg_kd": (REG, None, None, dict(alpha_task=1.0, kd_weight=1.0, kd_loss="mse")),  # + ||y_T - y_S||^2
+    **modes.MODES,  # the training modes (scripts/methods_modes.py)
 }
 MULTIVIEW = ("multiview", "baseline_multiview")
-DEFAULT_METHODS = [m for m in METHODS]
+DEFAULT_METHODS = [m for m in METHODS if m not in modes.MODES]  # --methods modes: the modes
 
 
 def method_fields(spec: str, student: str) -> dict:
@@ -189,25 +191,45 @@ def run_one(spec: str, student_kind: str, seed: int, env: dict) -> dict:
     if name == "kd_eager":
         teacher.set_attn_implementation("eager")
     torch.manual_seed(seed)  # the recipe's order: seed, then build the student
-    student = build_student(ImageJob(student=student_kind), teacher)
+    student = modes.tiny_student(teacher, build_student, ImageJob) if student_kind == "tiny" else \
+        build_student(ImageJob(student=student_kind), teacher)
     if regression:  # the same ResNet with one output
         torch.manual_seed(seed)
         student = type(student)(_regression_config(student))
     if name == "kd_eager":
         student.set_attn_implementation("eager")
+    if student_kind == "tiny" and name in modes.TINY_ROWS:
+        steps = 2 * steps  # the chain's total steps (2 stages)
     out = tempfile.mkdtemp(prefix="hf_kd_methods_")
     recipe = {k: v for k, v in DEFAULTS.items() if k != "output_dir"}
-    args = DistillationConfig(output_dir=out, **{**recipe, **fields, "max_steps": steps, "seed": seed,
-                              "logging_steps": min(40, steps), "teacher_dtype": "model", "disable_tqdm": True})
+    fields.update(modes.extra_fields(name, env))
+
+    def make_args(folder, **extra):
+        return DistillationConfig(output_dir=folder, **{**recipe, **fields, "max_steps": steps, "seed": seed,
+                                  "logging_steps": min(40, steps), "teacher_dtype": "model", "disable_tqdm": True,
+                                  **extra})
     collator = MultiViewCollator(random_shift(2), views=2, seed=seed) if name in MULTIVIEW else None
     clock = StepClock()
     load0 = os.getloadavg()
+    batches = [{"pixel_values": ex[i:i + 250], "labels": ey[i:i + 250]} for i in range(0, len(ey), 250)]
+    extra = {}
     try:
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Digits(x, y),
-                                      data_collator=collator, callbacks=[clock])
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+        if name in ("born_again", "chain"):
+            initial = copy.deepcopy(student.state_dict())
+
+            def new_student():
+                model = type(student)(student.config)
+                model.load_state_dict(initial)
+                return model
+            student, extra = modes.run_staged(name, teacher, new_student, make_args, Digits(x, y), batches, clock)
+            seconds, trainer = extra.pop("train_seconds"), None
+        else:
+            trainer = DistillationTrainer(model=student, teacher_model=modes.teacher_model(name, teacher, env),
+                                          args=make_args(out), train_dataset=Digits(x, y), data_collator=collator,
+                                          callbacks=[clock])
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if env.get("timing_only"):
@@ -216,12 +238,13 @@ def run_one(spec: str, student_kind: str, seed: int, env: dict) -> dict:
         metrics = regression_metrics(student, ex, ey)
         metrics.update({f"teacher_{k}": v for k, v in regression_metrics(teacher, ex, ey).items()})
     else:
-        batches = [{"pixel_values": ex[i:i + 250], "labels": ey[i:i + 250]} for i in range(0, len(ey), 250)]
         metrics = evaluate(student, batches, "classification", teacher)
         metrics["teacher_accuracy"] = evaluate(teacher, batches, "classification")["accuracy"]
-    logged = [r for r in trainer.state.log_history if "loss" in r]
+        if trainer is not None:
+            extra.update(modes.extra_metrics(name, trainer, student, batches))
+    logged = [r for r in trainer.state.log_history if "loss" in r] if trainer is not None else []
     plain = {**KD, "hidden_weight": 0.0}
-    return {**metrics, "fields": {k: v for k, v in fields.items() if k not in plain or v != plain[k]},
+    return {**metrics, **extra, "total_steps": steps, "fields": {k: v for k, v in fields.items() if k not in plain or v != plain[k]},
             "train_seconds": seconds, "step_seconds": statistics.median(clock.intervals) if clock.intervals else None,
             "load_start": load0[0], "load_end": os.getloadavg()[0],
             "load_mean": statistics.mean(clock.loads) if clock.loads else os.getloadavg()[0],
@@ -306,8 +329,9 @@ def machine_info() -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; name@weight for a pilot")
-    p.add_argument("--students", default="resnet,vit")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; name@weight for a pilot; "
+                   "'modes' = the training modes (scripts/methods_modes.py)")
+    p.add_argument("--students", default="resnet,vit", help="resnet, vit, tiny (the chain's capacity-gap student)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=DEFAULTS["max_steps"])
     p.add_argument("--eval_split", default="test", choices=("test", "validation"))
@@ -328,6 +352,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     specs, students = [m for m in a.methods.split(",") if m], [s for s in a.students.split(",") if s]
+    specs = [x for m in specs for x in (modes.MODES if m == "modes" else [m])]  # 'modes': every training mode
     unknown = [m for m in specs if m.partition("@")[0] not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
