@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .config import DistillationConfig
 from .curriculum import load_weights
 from .experiment import Interrupted
+from .report import num_parameters
 from .student import find_layers
 from .tasks import base_model_of
 from .trainer import DistillationTrainer
@@ -28,16 +29,12 @@ from .trainer import DistillationTrainer
 DONE = "hf_kd_stage.json"
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def assistant_layers(teacher: nn.Module, student_parameters: int) -> int:
     """The number of teacher layers n whose ``make_student(teacher, num_layers=n)`` has the parameter count closest to
     sqrt(P_teacher * P_student). A layer-pruned model of n layers has P_T - (L - n) * p parameters, p the
     parameters of one block (blocks of one model have one size)."""
     _, blocks = find_layers(base_model_of(teacher))
-    total, per_block = _count(teacher), _count(blocks[0])
+    total, per_block = num_parameters(teacher), num_parameters(blocks[0])
     target = math.sqrt(total * student_parameters)
     sizes = {n: total - (len(blocks) - n) * per_block for n in range(1, len(blocks) + 1)}
     return min(sizes, key=lambda n: (abs(sizes[n] - target), n))
@@ -67,7 +64,7 @@ def distill_chain(teacher: nn.Module, students: list[nn.Module], args: Distillat
             if trainer.is_world_process_zero():
                 with open(marker, "w") as f:
                     json.dump({"stage": i, "steps": trainer.state.global_step,
-                               "student_parameters": _count(student)}, f)
+                               "student_parameters": num_parameters(student)}, f)
             trainers.append(trainer)
         teacher = student
     return trainers
@@ -89,7 +86,7 @@ def chain_vs_direct(teacher: nn.Module, assistants: list[nn.Module], new_student
     rows = [("teacher", teacher, 0)] + [(f"assistant {i + 1}", a, args.max_steps) for i, a in enumerate(assistants)]
     rows += [("student, chained", chained, total), ("student, direct", direct, total)]
     report = {"steps_per_stage": args.max_steps, "total_steps": total,
-              "models": [{"model": name, "parameters": _count(m), "steps": steps, **score(m)}
+              "models": [{"model": name, "parameters": num_parameters(m), "steps": steps, **score(m)}
                          for name, m, steps in rows]}
     metrics = [k for k in report["models"][0] if k not in ("model", "parameters", "steps")]
     lines = [f"# Teacher-assistant chain vs direct distillation ({total} student-side steps each)", "",

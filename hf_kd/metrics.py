@@ -14,14 +14,10 @@ import copy
 import torch
 from transformers import TrainerCallback
 
-from .report import evaluate, latency
+from .report import evaluate, latency, num_parameters
 
 HIGHER_IS_BETTER = {"accuracy": True, "teacher_agreement": True, "perplexity": False, "loss": False,
                     "teacher_kl": False, "cosine_to_teacher": True}
-
-
-def num_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def compression_ratio(teacher, student) -> float:

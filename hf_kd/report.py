@@ -22,7 +22,9 @@ def _no_cache(model) -> dict:
 
 
 def num_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The model's own parameters: the distillation signals' trainable parts attached to a student during training
+    (projections, adapters, peers) are not part of it."""
+    return sum(p.numel() for n, p in model.named_parameters() if "hf_kd_signals." not in n)
 
 
 @torch.inference_mode()

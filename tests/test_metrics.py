@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.metrics import HeldOutCurve, compression_ratio, gap, speedup
+from hf_kd.metrics import HeldOutCurve, compression_ratio, gap, num_parameters, speedup
 
+from .scripts.tiny import args, pair, rows
 from .test_signals_features import bert, texts
 
 
@@ -34,3 +35,13 @@ def test_held_out_curve(tmp_path):
     assert all(0 <= p["accuracy"] <= 1 and p["examples"] == 16 for p in curve.points)
     assert [h["step"] for h in trainer.state.log_history if "heldout_accuracy" in h] == [2, 4, 5]
     assert curve.plot(str(tmp_path / "curve.png")) and (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_parameter_counts_leave_out_the_signals_attached_during_training(tmp_path):
+    teacher, student = pair()  # widths differ: the hidden-state signal adds trained projections to the student
+    own = sum(p.numel() for p in student.parameters())
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=rows())
+    assert len(list(trainer.signals.parameters())) > 0
+    assert sum(p.numel() for p in student.parameters()) > own  # attached...
+    assert num_parameters(student) == own  # ...but not counted as the student's
+    assert compression_ratio(teacher, student) == sum(p.numel() for p in teacher.parameters()) / own
