@@ -37,14 +37,6 @@ MODES = {
     "chain": (TINY, None, None, dict(hidden_weight=0.0)),  # teacher -> assistant -> tiny, steps per stage
 }
 TINY_ROWS = {"baseline", "kd"}  # the tiny student's references, trained for the chain's total steps
-LABELS = {"multi_teacher": "KD from 2 teachers (ViT + ResNet, equal weights)",
-          "multi_confidence": "KD from 2 teachers, weighted by confidence", "kd_resnet_teacher":
-          "plain KD from the ResNet teacher alone", "route": "KD along the teacher's route (RCO, 3 snapshots)",
-          "mutual": "mutual learning, no teacher (student; best of 2 in notes)", "self_distill":
-          "self-distillation (exit on layer 1), no teacher", "progressive": "KD + hidden states, progressive stages",
-          "born_again": "born-again, generation 2 (gen 0: no teacher)", "chain": "teacher -> assistant -> student"}
-REFERENCE = {"mutual": ("baseline", "no teacher"), "self_distill": ("baseline", "no teacher"),
-             "born_again": ("baseline", "no teacher")}
 
 
 def teacher_model(name: str, teacher, env: dict):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import statistics
 
 ORDER = ("baseline", "kd", "hidden", "hints", "hints_norm", "hints_stage", "at", "attention", "kd_eager", "relation",
-         "input_grad", "great", "multiview", "baseline_multiview")
+         "input_grad", "great", "multiview", "baseline_multiview", "multi_teacher", "multi_confidence",
+         "kd_resnet_teacher", "route", "progressive", "born_again", "mutual", "self_distill", "chain")
 LABELS = {
     "baseline": "no teacher (task loss alone)", "kd": "plain KD (logits)", "hidden": "KD + hidden states (cosine)",
     "hints": "KD + FitNets hints (MSE)", "hints_norm": "KD + hints, normalised", "hints_stage": "KD + hints, 2 stages",
@@ -14,6 +15,13 @@ LABELS = {
     "kd_eager": "plain KD, eager attention", "relation": "KD + similarity preserving",
     "input_grad": "KD + input gradients (Sobolev)", "great": "KD + GREAT", "multiview": "KD + 2 shifted views",
     "baseline_multiview": "no teacher, 2 shifted views",
+    # the training modes (scripts/methods_modes.py)
+    "multi_teacher": "KD from 2 teachers (ViT + ResNet, equal weights)",
+    "multi_confidence": "KD from 2 teachers, weighted by confidence", "kd_resnet_teacher":
+    "plain KD from the ResNet teacher alone", "route": "KD along the teacher's route (RCO, 3 snapshots)",
+    "mutual": "mutual learning with 1 peer, no teacher", "self_distill": "self-distillation (exit after layer 1), "
+    "no teacher", "progressive": "KD + hidden states, progressive stages",
+    "born_again": "born-again generation 2 (generation 0: no teacher)", "chain": "teacher -> assistant -> student",
 }
 WEIGHTS = ("hidden_weight", "hint_weight", "at_weight", "attention_weight", "relation_weight", "input_grad_weight",
            "great_weight")
@@ -111,7 +119,9 @@ def paired(rows: dict, ref: dict | None, key: str) -> list[float]:
 
 
 REFERENCE = {"baseline_multiview": ("baseline", "no teacher"), "reg_kd": ("reg_baseline", "no teacher"),
-             "kd": ("baseline", "no teacher")}  # what a method is judged against (default: plain KD)
+             "kd": ("baseline", "no teacher"), "mutual": ("baseline", "no teacher"),
+             "self_distill": ("baseline", "no teacher"), "born_again": ("baseline", "no teacher"),
+             "chain": ("kd", "plain KD at the same total steps")}  # what a method is judged against (default: plain KD)
 
 
 def verdict(diffs: list[float], ref: str, digits: int = 3) -> str:
@@ -127,6 +137,54 @@ def verdict(diffs: list[float], ref: str, digits: int = 3) -> str:
             f"mean {m:+.{digits}f})")
 
 
+STUDENTS = {"resnet": "ResNet", "vit": "ViT",
+            "tiny": "ViT-tiny (capacity gap: the chain's student, no-teacher and KD rows at the chain's total steps)"}
+
+
+MODE_NAMES = ("multi_teacher", "multi_confidence", "kd_resnet_teacher", "route", "progressive", "born_again", "mutual",
+              "self_distill", "chain")
+MODES_SETUP = (
+    "Training modes (rows made by `scripts/methods_modes.py` through the same script, same students, data, seeds "
+    "and steps): **two teachers** that really differ, the ViT teacher and a ResNet teacher (basic blocks, widths "
+    "32/64/128, trained 15 epochs on the same 3,500 digits by the same schedule, cached as mnist-resnet-teacher), "
+    "mixed with equal weights or per example by each teacher's probability of the true label, against plain KD "
+    "from either teacher alone; the **route** (RCO): the ViT teacher recipe's snapshots after epochs 2 and 6 and "
+    "its final weights, one third of training each; **progressive**: the ViT student's hidden-state pairs "
+    "switched on stage by stage (weight 10, the 'hidden' row's), the logit terms in the last stage; **born-again**: "
+    "generation 0 is the student trained on the labels alone, generations 1 and 2 (same architecture and initial "
+    "weights) each learn from the one before, every generation the full steps (so generation 2 has seen 3x the "
+    "steps); **mutual learning**: no teacher, the student and one peer of its architecture (other initial weights, "
+    "same optimizer settings) at T = 1 as in DML; **self-distillation**: no teacher, an exit after the first "
+    "layer/stage learns the labels and T² KL (T = 3) to the model's own output. The **chain** is shown where the "
+    "seeds say it helps, a teacher much larger than the student: the ViT teacher (145K parameters) -> an "
+    "assistant -> a one-layer ViT of width 16 (5K parameters); the chained student has the steps of its own "
+    "stage, the assistant's stage came first; its no-teacher and plain-KD rows train for both stages' steps. "
+    "'train s' is the wall time of training (all stages for born-again and the chain, both models for mutual "
+    "learning), not of evaluation.")
+
+
+def mode_details(method: str, rows: dict) -> str:
+    """What a mode's row holds beyond the student's accuracy: the peer and the best model, each generation,
+    the assistant."""
+    if not rows:
+        return ""
+    seeds = sorted(rows)
+    if method == "mutual" and all("best_accuracy" in rows[s] for s in seeds):
+        best = [rows[s]["best_model"] for s in seeds]
+        return (f"; the best of student and peer (what a run reports): {mean_std([rows[s]['best_accuracy'] for s in seeds], 3)}"
+                f", the peer {mean_std([rows[s]['models']['peer_0'] for s in seeds], 3)} (best per seed: {best})")
+    stages = [rows[s].get("stages") for s in seeds]
+    if method == "born_again" and all(stages):
+        return "; " + ", ".join(f"generation {g}: {mean_std([st[f'generation_{g}'] for st in stages], 3)}"
+                                for g in range(3))
+    if method == "chain" and all(stages):
+        st = stages[0]
+        return (f"; assistant ({st['assistant_parameters']:,} parameters: the teacher's first layers, sized by the "
+                f"geometric mean of {st['teacher_parameters']:,} and {st['student_parameters']:,}) "
+                f"{mean_std([x['assistant'] for x in stages], 3)} after its stage")
+    return ""
+
+
 def timing_cell(row: dict | None) -> str:
     if not row or "error" in row:
         return "-"
@@ -136,14 +194,14 @@ def timing_cell(row: dict | None) -> str:
 def class_table(student: str, methods: dict, timing: dict) -> list[str]:
     kd, base = methods.get("kd"), methods.get("baseline")
     lines = ["| method | added term (weight) | test accuracy | method − plain KD, per seed (mean) | method − no "
-             "teacher, per seed (mean) | s/step | × KD, same run | × KD, interleaved | load (1-min) |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+             "teacher, per seed (mean) | s/step | train s | × KD, same run | × KD, interleaved | load (1-min) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for method in sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         rows = methods[method]
         ok = {s: r for s, r in rows.items() if "error" not in r}
         if not ok:
             err = next(iter(rows.values()))["error"]
-            lines.append(f"| {LABELS.get(method, method)} | - | not run: `{err[:160]}` | | | | | | |")
+            lines.append(f"| {LABELS.get(method, method)} | - | not run: `{err[:160]}` | | | | | | | |")
             continue
         seeds = sorted(ok)
         acc = [ok[s]["accuracy"] for s in seeds]
@@ -156,6 +214,7 @@ def class_table(student: str, methods: dict, timing: dict) -> list[str]:
         ratio = f"{statistics.mean(ratios):.2f}{'†' if other else ''}" if ratios else "-"
         lines.append(f"| {LABELS.get(method, method)} | {term(ok[seeds[0]])} | {mean_std(acc)} (seeds {seeds}) | "
                      f"{signed(d_kd) if d_kd else '-'} | {signed(d_base) if d_base else '-'} | {step:.4f} | "
+                     f"{statistics.mean(ok[s]['train_seconds'] for s in seeds):.0f} | "
                      f"{ratio} | {timing_cell(timing.get((student, method)))} | {min(loads):.1f}-{max(loads):.1f} |")
     return lines
 
@@ -238,12 +297,14 @@ def render(doc: dict, path: str, pilot: dict | None = None, pilot_path: str | No
            "threads and data), and gives the median ratio over the rounds (min-max in brackets). The load column "
            "is os.getloadavg()'s 1-minute value sampled every 40 steps of the accuracy runs (min-max over seeds).",
            ""]
-    for student in ("resnet", "vit"):
+    if any(m in MODE_NAMES for v in test.values() for m in v):
+        out += [MODES_SETUP, ""]
+    for student in STUDENTS:
         if student in test:
             methods = {k: v for k, v in test[student].items() if not k.startswith("reg_")}
             teacher = next((r["teacher_accuracy"] for v in methods.values() for r in v.values()
                             if "teacher_accuracy" in r), None)
-            title = f"## {'ResNet' if student == 'resnet' else 'ViT'} student"
+            title = f"## {STUDENTS[student]} student"
             out += [title + (f" (teacher test accuracy {teacher:.3f})" if teacher else ""), ""]
             out += class_table(student, methods, timing) + [""]
     reg = {k: v for k, v in test.get("resnet", {}).items() if k.startswith("reg_")}
@@ -258,7 +319,7 @@ def render(doc: dict, path: str, pilot: dict | None = None, pilot_path: str | No
                 "baseline, L = L_task + ‖y_T − y_S‖² with output matching (alpha_task 1, kd_weight 1, "
                 "kd_loss mse).", ""] + regression_table(reg, timing) + [""]
     out += ["## What helped, what did not", ""]
-    for student in ("resnet", "vit"):
+    for student in STUDENTS:
         methods = test.get(student, {})
         for method in [m for m in (*ORDER, "reg_kd") if m in methods and m != "baseline"]:
             ok = {s: r for s, r in methods[method].items() if "error" not in r}
@@ -273,6 +334,7 @@ def render(doc: dict, path: str, pilot: dict | None = None, pilot_path: str | No
             if method == "multiview" and ok and "baseline_multiview" in methods:
                 auto += "; vs the same views without a teacher: " + verdict(
                     paired(ok, methods["baseline_multiview"], key), "no teacher with views")
+            auto += mode_details(method, ok)
             note = NOTES.get(f"{student}:{method}", NOTES.get(method, ""))
             label = "output matching (R²)" if method == "reg_kd" else LABELS.get(method, method)
             out.append(f"- **{student}, {label}**: {auto}." + (f" {note}" if note else ""))

@@ -77,3 +77,28 @@ def test_two_steps_rows_resume_and_render(methods, tmp_path):
     assert json.loads(out.read_text()) == before
     lo, hi = sorted(timing["ratios"])
     assert f"| {timing['ratio']:.2f} ({lo:.2f}-{hi:.2f}) |" in md.read_text()  # re-rendered with the timing row
+
+
+def test_mode_rows_and_render(methods, tmp_path):
+    out, md = tmp_path / "modes.json", tmp_path / "modes.md"
+    doc = methods.main(["--quick", "--steps", "2", "--methods", "baseline,kd,multi_teacher,mutual,born_again,chain",
+                        "--students", "resnet,tiny", "--seeds", "0", "--train_images", "128", "--eval_images", "100",
+                        "--out", str(out), "--render", str(md)])
+    rows = doc["rows"]
+    assert sorted(rows) == sorted([f"test|resnet|{m}|0|2" for m in ("baseline", "kd", "multi_teacher", "mutual",
+                                                                      "born_again")]
+                                  + [f"test|tiny|{m}|0|2" for m in ("baseline", "kd", "chain")])
+    assert all("error" not in r for r in rows.values()), rows
+    assert "kd_loss" in rows["test|resnet|multi_teacher|0|2"]["log_last"]
+    mutual = rows["test|resnet|mutual|0|2"]
+    assert set(mutual["models"]) == {"student", "peer_0"} and mutual["best_accuracy"] == max(mutual["models"].values())
+    assert mutual["models"]["student"] == mutual["accuracy"]
+    ban = rows["test|resnet|born_again|0|2"]
+    assert set(ban["stages"]) == {"generation_0", "generation_1", "generation_2"}
+    assert ban["stages"]["generation_2"] == ban["accuracy"]
+    chain, kd = rows["test|tiny|chain|0|2"], rows["test|tiny|kd|0|2"]
+    assert chain["stages"]["teacher_parameters"] > 10 * chain["stages"]["student_parameters"]  # a capacity gap
+    assert kd["total_steps"] == 4 and chain["total_steps"] == 2  # direct KD: both stages' steps
+    text = md.read_text()
+    assert "| teacher -> assistant -> student |" in text and "generation 2: " in text
+    assert "the best of student and peer" in text and not re.search(r"\bNone\b|\bnan\b|\{", text)
