@@ -1,6 +1,10 @@
 """Command-line arguments shared by the recipes: the fields every job has, and one parser with the precedence
 
-    a recipe's DEFAULTS  <  its QUICK preset (--quick)  <  a YAML file (--config X.yaml)  <  flags on the command line
+    a recipe's DEFAULTS  <  a YAML file (--config X.yaml)  <  the QUICK preset named on the command line (--quick)
+                         <  flags on the command line
+
+(``quick: true`` inside the YAML applies the preset under the YAML's own values), so ``--config X.yaml --quick`` is
+a smoke test of that YAML whatever its step count, and an explicit flag always wins.
 
 over the recipe's job dataclass and :class:`hf_kd.DistillationConfig` (every field of both is a flag; --help).
 """
@@ -45,8 +49,9 @@ def parse(job_cls, argv: list[str] | None, defaults: dict, quick: dict):
         with open(argv[i + 1]) as f:
             from_yaml = yaml.safe_load(f) or {}
         del argv[i:i + 2]
-    wants_quick = from_yaml.get("quick") is True or any(a == "--quick" and (j + 1 == len(argv) or argv[j + 1]
-                                                        .lower() not in ("false", "0")) for j, a in enumerate(argv))
-    values = {**defaults, **(quick if wants_quick else {}), **from_yaml}
+    on_command_line = any(a == "--quick" and (j + 1 == len(argv) or argv[j + 1].lower() not in ("false", "0"))
+                          for j, a in enumerate(argv))
+    in_yaml = from_yaml.get("quick") is True and not on_command_line
+    values = {**defaults, **(quick if in_yaml else {}), **from_yaml, **(quick if on_command_line else {})}
     parser = HfArgumentParser((job_cls, DistillationConfig))
     return parser.parse_args_into_dataclasses(args=_as_args(values) + argv)
