@@ -5,8 +5,9 @@ on public-domain tales; then the same student trained without a teacher for the 
     hf-kd distill ...                                     # runs this file's main()
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 recipes/distill_clm.py --config ...
 
-Flags: the CausalLMJob fields below and every DistillationConfig field (--help); precedence DEFAULTS < --quick <
---config YAML < flags. Writes to --output_dir the student (``pipeline("text-generation", model=...)`` loads it),
+Flags: the CausalLMJob fields below and every DistillationConfig field (--help); precedence DEFAULTS < --config
+YAML < --quick < flags. With --teacher_url (a `hf-kd serve-teacher` process) or --teacher_cache (`hf-kd
+cache-teacher`) the trainer reads the teacher's top-k from there; the teacher is still loaded here for the report. Writes to --output_dir the student (``pipeline("text-generation", model=...)`` loads it),
 report.json, report.md, learning_curves.png and a model card. Copy this file to distil your own model.
 """
 
@@ -107,8 +108,9 @@ def run(job: CausalLMJob, args) -> dict:
     student = new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_blocks,
-                                  processing_class=tok)
+    remote = args.teacher_url is not None or args.teacher_cache is not None  # top-k from a server or a cache
+    trainer = DistillationTrainer(model=student, teacher_model=None if remote else teacher, args=args,
+                                  train_dataset=None if args.teacher_cache else train_blocks, processing_class=tok)
     seconds = {"distillation": train(trainer)}
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
     histories = {"distillation": trainer.state.log_history}
