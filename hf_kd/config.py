@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from transformers import TrainingArguments
 
 from .align import KD_POSITIONS
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .schedules import SCHEDULED, SCHEDULES
 KD_IMPLS = ("auto", "full", "chunked", "fused")
+TEACHER_PLACEMENTS = ("auto", "shard")  # hf_kd.placement
 TEACHER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
+DATA_MODES = ("supervised", "sequence_level", "on_policy")  # hf_kd.on_policy
 
 
 def parse_module_pairs(value, what: str = "module pairs") -> list[tuple[str, str]] | None:
@@ -87,6 +91,10 @@ class DistillationConfig(TrainingArguments):
                                + ". 'auto': bfloat16 for a float32 teacher where the device computes bf16 natively "
                                "(CUDA with bf16, CPUs with AMX or AVX512-BF16), else as loaded; 'model': as loaded. "
                                "The teacher is cast in place."})
+    teacher_placement: str = field(default="auto", metadata={"help": "Several processes: 'auto' (as the "
+                                   "accelerator places models: replicated under DDP, sharded under FSDP / ZeRO-3) or "
+                                   "'shard' (FSDP2-shard the teacher over all processes whatever the student's "
+                                   "strategy, CPU included; see hf_kd.placement)."})
     kd_impl: str = field(default="auto", metadata={"help": "Logit-loss implementation: 'full' (reference), "
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
@@ -167,6 +175,10 @@ class DistillationConfig(TrainingArguments):
                                        "classifier student; no teacher needed)."})
     self_distill_exits: str | None = field(default=None, metadata={"help": "Hidden-state indices of the "
                                            "self-distillation exits, e.g. '1,2' (0 = embeddings)."})
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata={"help": "DDP's find_unused_parameters. "
+                                                    "None: True only if a step leaves student parameters unused (a "
+                                                    "hint-only stage, progressive stages, no logit term), else False "
+                                                    "(a plain Trainer says True)."})
     nan_policy: str = field(default="stop", metadata={"help": "Non-finite teacher/student outputs or loss: "
                             "'stop' raises with step and batch, 'skip' drops that batch's loss (logged)."})
     weight_schedule: str = field(default="constant", metadata={"help": "How alpha_task, kd_weight, hidden_weight "
@@ -181,9 +193,44 @@ class DistillationConfig(TrainingArguments):
                                             "(scheduled)."})
     temperature_end: float | None = field(default=None, metadata={"help": "Temperature at the last step (scheduled; "
                                           "not with teacher_cache, made at one temperature)."})
+    # data modes for causal LMs (hf_kd.on_policy); the generation fields sample text, `temperature` is the loss's T
+    data_mode: str = field(default="supervised", metadata={"help": "What a causal-LM student trains on: 'supervised' "
+                           "(the dataset's tokens), 'sequence_level' (the teacher's completions of the dataset's "
+                           "prompts, generated once and cached in generation_cache_dir), 'on_policy' (GKD: with "
+                           "probability lmbda a micro-batch's completions are sampled from the current student, "
+                           "else the dataset's; the teacher scores every token). Prompt tokens (label -100) are not "
+                           "distilled (hf_kd.prompts makes such rows)."})
+    lmbda: float = field(default=1.0, metadata={"help": "on_policy: probability that a micro-batch is the student's "
+                         "own generations (1 = fully on-policy, 0 = supervised, between = mixed; seeded per step)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation (sequence_level, on_policy): most tokens "
+                                "per completion."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Generation: the SAMPLING temperature of the "
+                                          "generated text (0 = greedy); not the loss temperature `temperature`."})
+    top_p: float = field(default=1.0, metadata={"help": "Generation: nucleus sampling mass (1 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Generation: sample among the k likeliest tokens (0 = off)."})
+    generations_reuse: int = field(default=1, metadata={"help": "on_policy: train on one generated micro-batch for "
+                                   "this many consecutive optimizer steps (the dataset's batches of the later steps "
+                                   "are skipped); 1 = fresh generations every step."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (needs vllm installed and a CUDA GPU; "
+                           "refused otherwise)."})
+    generation_cache_dir: str | None = field(default=None, metadata={"help": "sequence_level: folder of the cached "
+                                             "teacher generations (default <output_dir>/teacher_generations)."})
+    # cross-tokenizer distillation (hf_kd.cross_tokenizer, hf_kd.signals.cross_tokenizer)
+    cross_tokenizer: str | None = field(default=None, metadata={"help": "Teacher and student with different "
+                                        "tokenizers (causal LMs): 'exact' (KL over the tokens both vocabularies "
+                                        "share plus one 'other' bucket) or 'uld' (Universal Logit Distillation: "
+                                        "L1 between sorted probability vectors). The text is tokenised by both "
+                                        "(hf_kd.cross_tokenizer.CrossTokenizerCollator, raw text rows), compared at "
+                                        "character-aligned positions. None = one tokenizer (different ones are "
+                                        "refused)."})
+    cross_tokenizer_weight: float | None = field(default=None, metadata={"help": "Weight of the cross-tokenizer term "
+                                                 "(default: kd_weight, with its schedule; the id-by-id logit KD is "
+                                                 "not built with cross_tokenizer: it needs one vocabulary)."})
 
     def __post_init__(self):
         super().__post_init__()
+        if not (hasattr(torch, "accelerator") and torch.accelerator.is_available()):
+            self.dataloader_pin_memory = False  # nothing to pin for; torch would warn on every dataloader
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}; 1 is plain softmax, "
                              "2-4 is usual")
@@ -206,7 +253,7 @@ class DistillationConfig(TrainingArguments):
         if not 0 <= self.skew_alpha < 1:
             raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha} (0 = the plain KL; at 1 the skew "
                              "KLs are 0 for every student)")
-        for name, allowed in (("kd_positions", KD_POSITIONS), ("kd_impl", KD_IMPLS),
+        for name, allowed in (("kd_positions", KD_POSITIONS), ("kd_impl", KD_IMPLS), ("teacher_placement", TEACHER_PLACEMENTS),
                               ("teacher_dtype", TEACHER_DTYPES), ("nan_policy", NAN_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} unknown; choose one of {list(allowed)}")
@@ -234,6 +281,28 @@ class DistillationConfig(TrainingArguments):
         if not 0.0 <= self.hint_first_stage < 1.0:
             raise ValueError(f"hint_first_stage is a fraction of training in [0, 1), got {self.hint_first_stage}")
         self._check_schedule()
+        self._check_data_mode()
+
+    def _check_data_mode(self) -> None:
+        from .generation import GenerationSettings
+        if self.data_mode not in DATA_MODES:
+            raise ValueError(f"data_mode {self.data_mode!r} unknown; choose one of {list(DATA_MODES)}")
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda is a probability in [0, 1] (1 = fully on-policy), got {self.lmbda}")
+        if self.generations_reuse < 1:
+            raise ValueError(f"generations_reuse must be >= 1 (1 = fresh generations every step), got "
+                             f"{self.generations_reuse}")
+        GenerationSettings.from_config(self)  # max_new_tokens, generation_temperature, top_p, top_k
+        if self.data_mode == "supervised":
+            return
+        if self.teacher_cache is not None or self.teacher_url is not None:
+            raise ValueError(f"data_mode={self.data_mode!r} needs the teacher in memory (teacher_model=) to write or "
+                             "score new completions; teacher_cache / teacher_url hold targets for fixed tokens only "
+                             "(for sequence_level, make the generations with hf_kd.generation.teacher_generations "
+                             "and train on them with data_mode='supervised')")
+        if self.kd_positions == "all":
+            raise ValueError(f"data_mode={self.data_mode!r} with kd_positions='all' would distil prompt tokens: use "
+                             "'auto' or 'labels' (completion tokens only)")
 
     def _check_schedule(self) -> None:
         ends = {name: getattr(self, f"{name}_end") for name in SCHEDULED}

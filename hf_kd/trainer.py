@@ -22,18 +22,21 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from . import capture, param_groups, reliability
+from . import capture, param_groups, placement, reliability
 from .align import COUNT_KEYS, batch_counts, position_masks
 from .checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
 from .curriculum import TeacherCurriculum
 from .engine import LogitEngine, logit_needs
+from .on_policy import setup_data_mode
 from .pairs import check_pair, load_teacher, shared_vocab, teacher_dtype
 from .schedules import Schedule
 from .served import TopkCollator, connect
 from .signals import WEIGHT_FIELDS, Context, Signal, from_config
+from .signals.base import leaves_parameters_unused
 from .tasks import base_model_of, task_of
 from .teacher_cache import CACHE_COLUMNS, check_cache, load_teacher_cache
+from .cross_tokenizer import CROSS_COLUMNS, CrossTokenizerCollator, prepare as prepare_cross_tokenizer
 
 EXTRAS = "hf_kd_signals"  # the student's submodule holding the signals (and their trainable parts)
 EXTRAS_FILE = "hf_kd_extras.pt"  # their state in a checkpoint
@@ -61,19 +64,23 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)
         self.kd_vocab, cache_meta, teachers, client = None, None, {}, None
+        tokenizers = None  # (student's, teacher's) with cross_tokenizer
         if args.teacher_cache is not None:
             dataset, cache_meta = load_teacher_cache(args.teacher_cache)
             kwargs.setdefault("train_dataset", dataset)
         elif args.teacher_url is not None:  # the cache's columns per batch, from the server (hf_kd.served)
             client, cache_meta = connect(args.teacher_url, student, kwargs.get("processing_class"))
         else:
-            reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
+            if args.cross_tokenizer:  # two tokenizers on purpose: each model reads its own tokenisation of the text
+                tokenizers = prepare_cross_tokenizer(kwargs, teacher_processing_class)
+            else:
+                reliability.check_tokenizers(kwargs.get("processing_class"), teacher_processing_class)
             if args.should_save:
                 reliability.check_output_dir(args.output_dir)
             if teacher_model is not None:
                 teachers = self._load_teachers(teacher_model, student, args, kwargs.get("processing_class"))
         self.default_teacher = next(iter(teachers), "teacher")
-        self.signals = self._build_signals(args, teachers, student, signals or [], cache_meta)
+        self.signals = self._build_signals(args, teachers, student, signals or [], cache_meta, tokenizers)
         self._attach_signals(model, student)
         super().__init__(model=model, args=args, **kwargs)
         if client is not None or (cache_meta is not None and cache_meta["temperature"] != args.temperature):
@@ -82,6 +89,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.teachers = {name: self._prepare_teacher(t) for name, t in teachers.items()}
         self.teacher = self.teachers.get(self.default_teacher)  # the default (first) teacher
         self.curriculum = self._curriculum(args)
+        self.on_policy = setup_data_mode(self, args, kwargs.get("data_collator"))  # None unless data_mode=on_policy
         self.engine = LogitEngine(self.kd_impl, self.task, model, self.teachers, chunk_size=args.kd_chunk_size,
                                   vocab_limit=self.kd_vocab)
         self._stats = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -114,14 +122,14 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             if isinstance(t, (str, os.PathLike)):
                 teachers[name] = t = load_teacher(str(t), self.task)
             check_pair(student, t, self.task, args)
-            if self.task != "classification":
+            if self.task != "classification" and not args.cross_tokenizer:
                 vocab = shared_vocab(student, t, tokenizer)
                 self.kd_vocab = vocab if self.kd_vocab is None or vocab is None else min(vocab, self.kd_vocab)
         return teachers
 
     # ---- the signals ----------------------------------------------------------------------------------------
-    def _build_signals(self, args, teachers: dict, student, extra: list, cache_meta) -> nn.ModuleList:
-        built = from_config(args, self.task, teachers, student) + list(extra)
+    def _build_signals(self, args, teachers: dict, student, extra: list, cache_meta, tokenizers=None) -> nn.ModuleList:
+        built = from_config(args, self.task, teachers, student, tokenizers) + list(extra)
         names = [s.name for s in built]
         if len(set(names)) != len(names):
             raise ValueError(f"signal names must be unique, got {names}")
@@ -169,6 +177,12 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         model._ddp_params_and_buffers_to_ignore = [
             n for n, _ in [*model.named_parameters(), *model.named_buffers()] if f"{EXTRAS}." in n]
 
+    def _build_accelerator_args(self, **kwargs) -> dict:  # DDP's find_unused_parameters: the user's, else True
+        out = super()._build_accelerator_args(**kwargs)  # only if a step leaves student parameters unused
+        if self.args.ddp_find_unused_parameters is None:
+            out["kwargs_handlers"][0].find_unused_parameters = leaves_parameters_unused(self.signals)
+        return out
+
     @property
     def projections(self) -> nn.ModuleList:
         """The hidden-state signal's projections (empty without one)."""
@@ -176,7 +190,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, "labels", *CACHE_COLUMNS]))
+        text = [self.data_collator.text_column] if isinstance(self.data_collator, CrossTokenizerCollator) else []
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, "labels", *CACHE_COLUMNS, *text]))
 
     # ---- teacher -------------------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
@@ -184,6 +199,11 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         dtype = teacher_dtype(self.args.teacher_dtype, teacher, self.args.device)
         if dtype is not None:
             teacher = teacher.to(dtype)
+        if self.args.teacher_placement == "shard":
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("teacher_placement='shard' is for a replicated (DDP) student: under FSDP or "
+                                 "DeepSpeed ZeRO-3 'auto' already shards the teacher with the student")
+            return placement.shard_teacher(teacher, self.args.device)
         if self.is_deepspeed_enabled:  # GPU only: ZeRO-3 shards the teacher too; other stages run it plain
             import deepspeed
             ds = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -216,11 +236,13 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         weights = {s.name: w for s in self.signals if (w := s.weight.value(step, total)) > 0}
         active = [s for s in self.signals if s.name in weights]
         labels, cache = inputs.get("labels"), {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
+        cross = {k: inputs.pop(k) for k in CROSS_COLUMNS if k in inputs}  # the teacher's own ids (cross_tokenizer)
         self._check_batch(active, labels, cache)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         teachers, student = self._passes(model, model_inputs, labels, active, bool(cache))
         ctx = Context(self.task, model_inputs, labels, position_masks(inputs, self.task, self.args.kd_positions),
-                      student, teachers.get(self.default_teacher), step, total, {"cache": cache}, teachers,
+                      student, teachers.get(self.default_teacher), step, total,
+                      {"cache": cache, "cross": cross, "teacher_models": self.teachers}, teachers,
                       self.default_teacher)
         ctx.extra["counts"] = counts
         loss, sums = self._logit_terms(ctx, active, weights, counts)
@@ -235,6 +257,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if not torch.isfinite(loss):  # cheap check on the total; the culprit is looked for only now
             loss, parts = reliability.handle_nonfinite(self, model, loss, parts, ctx.student, ctx.teacher)
         self._record(parts, counts["scale"], model.training)
+        if self.args.teacher_placement == "shard":  # every term is computed: free the teachers' gathered weights
+            for name in teachers:
+                placement.free_gathered(self.teachers[name])
         outputs = ctx.student.outputs
         if return_outputs and getattr(outputs, "hidden_states", None) is not None:
             outputs.hidden_states = None  # keep evaluation from gathering them
@@ -311,6 +336,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             logs.update(param_groups.group_rates(self.optimizer, self.lr_scheduler, step))
             if self.curriculum is not None:
                 logs["teacher_checkpoint"] = self.curriculum.stage(step, self.state.max_steps)
+            if self.on_policy is not None:
+                logs.update(self.on_policy.log_values())  # on_policy_fraction, generation_seconds
         super().log(logs, start_time)
 
     def _scheduled_values(self, step: int) -> dict:
@@ -338,6 +365,15 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         self.lr_scheduler = param_groups.own_schedules(scheduler, optimizer or self.optimizer, self._own_groups(),
                                                        self.args, num_training_steps)
         return self.lr_scheduler
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """data_mode='on_policy': an optimizer step's micro-batches may become the student's own generations
+        (hf_kd.on_policy), here, before they are counted, so the global token counts are those trained on."""
+        batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.on_policy is None:
+            return batches, counts
+        batches = self.on_policy(self.model_wrapped, batches, self.state.global_step)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._begin_micro_batch(inputs)

@@ -1,0 +1,53 @@
+"""Where the teacher lives in a multi-process run.
+
+``teacher_placement='auto'`` leaves it to the accelerator: replicated on every process under DDP, sharded with
+the student under FSDP and DeepSpeed ZeRO-3 (``accelerator.prepare_model(teacher, evaluation_mode=True)``).
+``'shard'`` shards the teacher with FSDP2 (``torch.distributed.fsdp.fully_shard``) over all processes whatever
+the student's strategy (also a DDP student, also on CPU with gloo): each transformer block is one FSDP unit, so a
+process holds 1/world of the blocks' weights between passes and gathers one block at a time during the teacher's
+forward; the rest (embeddings, final norm, head) is the root unit, gathered for the pass and freed after it
+(:func:`free_gathered`). The teacher's outputs are unchanged; its memory per process shrinks by about the world
+size, at the cost of an all-gather per block per pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .student import find_layers
+from .tasks import base_model_of
+
+
+def shard_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2-shard ``teacher`` (frozen, in evaluation mode) over every process of the default process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        raise ValueError("teacher_placement='shard' shards the teacher over several processes: launch with "
+                         "`accelerate launch` / torchrun and 2+ processes, or use teacher_placement='auto'")
+    teacher.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    _, blocks = find_layers(base_model_of(teacher))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    return teacher
+
+
+def free_gathered(teacher: nn.Module) -> None:
+    """After a pass of a sharded teacher: free the root unit's gathered parameters (FSDP2 keeps the root's
+    parameters after forward, for a backward the teacher never runs)."""
+    reshard = getattr(teacher, "reshard", None)
+    if reshard is not None and callable(reshard):
+        reshard()
+
+
+def local_fraction(model: nn.Module) -> float:
+    """The share of ``model``'s parameter elements held by this process (1.0 when nothing is sharded)."""
+    from torch.distributed.tensor import DTensor
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return local / max(sum(p.numel() for p in params), 1)
