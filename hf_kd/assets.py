@@ -342,6 +342,7 @@ def cached_folder(name: str, recipe: dict, build) -> str:
 
     For anything a job derives once from the packaged assets and reuses (a fitted teacher, a converted model).
     """
+    recipe = json.loads(json.dumps(recipe))  # as recorded (tuples become lists), so a reread recipe compares equal
     final = cache_dir() / name
     record = final / "hf_kd_prepared.json"
 

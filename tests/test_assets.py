@@ -203,3 +203,17 @@ def test_smollm2_prepared_folder_is_plain_hf(smollm2_dir, monkeypatch):
     assert time.perf_counter() - start < 1.0
     model16, tok16 = assets.load_smollm2(dtype=torch.bfloat16)
     assert model16.dtype == torch.bfloat16 and tok16.pad_token == tok.pad_token
+
+
+def test_cached_folder_builds_once_even_with_a_tuple_in_the_recipe(tmp_path, monkeypatch):
+    from hf_kd import assets
+    monkeypatch.setenv("HF_KD_CACHE", str(tmp_path))
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        return {"ok": True}
+    recipe = {"epochs": (2, 6), "seed": 0}
+    first = assets.cached_folder("thing", recipe, build)
+    assert assets.cached_folder("thing", recipe, build) == first and len(builds) == 1  # reused, not rebuilt
+    assert assets.cached_folder("thing", {"epochs": (2, 7), "seed": 0}, build) == first and len(builds) == 2
