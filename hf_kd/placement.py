@@ -1,9 +1,10 @@
 """Where the teacher lives in a multi-process run.
 
-``teacher_placement='auto'`` leaves it to the accelerator: replicated on every process under DDP, sharded with
-the student under FSDP and DeepSpeed ZeRO-3 (``accelerator.prepare_model(teacher, evaluation_mode=True)``).
-``'shard'`` shards the teacher with FSDP2 (``torch.distributed.fsdp.fully_shard``) over all processes whatever
-the student's strategy (also a DDP student, also on CPU with gloo): each transformer block is one FSDP unit, so a
+``teacher_placement='auto'``: replicated on every process under DDP (``accelerator.prepare_model(teacher,
+evaluation_mode=True)``), ZeRO-3-partitioned under DeepSpeed ZeRO-3, and sharded by :func:`shard_teacher` under
+FSDP (accelerate moves an evaluation-mode model to the device but does not shard it: left to itself, every rank
+would hold a full teacher). ``'shard'`` shards the teacher with FSDP2 (``torch.distributed.fsdp.fully_shard``)
+over all processes whatever the student's strategy (also a DDP student, also on CPU with gloo): each transformer block is one FSDP unit, so a
 process holds 1/world of the blocks' weights between passes and gathers one block at a time during the teacher's
 forward; the rest (embeddings, final norm, head) is the root unit, gathered for the pass and freed after it
 (:func:`free_gathered`). The teacher's outputs are unchanged; its memory per process shrinks by about the world
@@ -40,9 +41,9 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
 def free_gathered(teacher: nn.Module) -> None:
     """After a pass of a sharded teacher: free the root unit's gathered parameters (FSDP2 keeps the root's
     parameters after forward, for a backward the teacher never runs)."""
-    reshard = getattr(teacher, "reshard", None)
-    if reshard is not None and callable(reshard):
-        reshard()
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(teacher, FSDPModule):
+        teacher.reshard()
 
 
 def local_fraction(model: nn.Module) -> float:

@@ -199,10 +199,10 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         dtype = teacher_dtype(self.args.teacher_dtype, teacher, self.args.device)
         if dtype is not None:
             teacher = teacher.to(dtype)
-        if self.args.teacher_placement == "shard":
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError("teacher_placement='shard' is for a replicated (DDP) student: under FSDP or "
-                                 "DeepSpeed ZeRO-3 'auto' already shards the teacher with the student")
+        if self.args.teacher_placement == "shard" or self.is_fsdp_enabled:  # accelerate does not shard an
+            if self.is_deepspeed_enabled:                                      # evaluation-mode model under FSDP2
+                raise ValueError("teacher_placement='shard' with DeepSpeed: ZeRO-3 shards the teacher itself; use "
+                                 "teacher_placement='auto'")
             return placement.shard_teacher(teacher, self.args.device)
         if self.is_deepspeed_enabled:  # GPU only: ZeRO-3 shards the teacher too; other stages run it plain
             import deepspeed
@@ -257,9 +257,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if not torch.isfinite(loss):  # cheap check on the total; the culprit is looked for only now
             loss, parts = reliability.handle_nonfinite(self, model, loss, parts, ctx.student, ctx.teacher)
         self._record(parts, counts["scale"], model.training)
-        if self.args.teacher_placement == "shard":  # every term is computed: free the teachers' gathered weights
-            for name in teachers:
-                placement.free_gathered(self.teachers[name])
+        for name in teachers:  # every term is computed: free a sharded teacher's gathered weights
+            placement.free_gathered(self.teachers[name])
         outputs = ctx.student.outputs
         if return_outputs and getattr(outputs, "hidden_states", None) is not None:
             outputs.hidden_states = None  # keep evaluation from gathering them
