@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
 
 from hf_kd import DistillationTrainer
 
@@ -16,13 +18,17 @@ from .scripts.tiny import one_thread  # noqa: F401  (autouse fixture)
 from .test_distributed import ENV, free_port
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "shard_tiny.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "recipes", "accelerate", "cpu_2proc.yaml")
 
 
 @pytest.mark.slow
 def test_sharded_teacher_holds_half_its_weights_per_rank_and_matches_the_replicated_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), SCRIPT, str(tmp_path / "out.json"),
-                           str(tmp_path / "runs")], env=ENV, capture_output=True, text=True, timeout=300)
+    # a real `accelerate launch` with the shipped 2-process CPU config (gloo)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIG,
+                           "--main_process_port", str(free_port()), SCRIPT, str(tmp_path / "out.json"),
+                           str(tmp_path / "runs")], env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.load(open(tmp_path / "out.json"))
     auto, shard = results["auto"], results["shard"]
@@ -39,3 +45,13 @@ def test_shard_needs_several_processes(tmp_path):
     with pytest.raises(ValueError, match="several processes"):
         DistillationTrainer(model=student, teacher_model=teacher, train_dataset=tiny.rows(),
                             args=tiny.args(tmp_path, teacher_placement="shard"))
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "recipes", "accelerate"))))
+def test_shipped_accelerate_configs_load(name):
+    path = os.path.join(ROOT, "recipes", "accelerate", name)
+    config = load_config_from_file(path)  # what `accelerate launch --config_file` parses
+    raw = yaml.safe_load(open(path))
+    assert config.distributed_type.value == raw["distributed_type"] and config.num_processes == raw["num_processes"]
+    if raw["distributed_type"] == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
