@@ -314,7 +314,7 @@ def _keep_only(got: Captured, needs: Needs) -> None:
 def dummy_inputs(model: nn.Module) -> dict:
     """A one-example input for shape probes: pixels for vision models, a few token ids otherwise."""
     config = base_model_of(model).config
-    param = next(model.parameters())
+    param = next(base_model_of(model).parameters())  # a wrapper may hold none (SameBaseTeacher)
     if getattr(base_model_of(model), "main_input_name", "input_ids") == "pixel_values":
         size = getattr(config, "image_size", 32)
         size = size[0] if isinstance(size, (tuple, list)) else size

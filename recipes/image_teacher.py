@@ -11,10 +11,12 @@ channels (a 1-channel processor would fail inside ``pipeline(...)``).
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+import transformers
+from transformers import ViTConfig, ViTForImageClassification
 
 from hf_kd.assets import cached_folder, load_mnist, prepared_info
 
@@ -26,9 +28,15 @@ TEACHER = dict(image_size=28, patch_size=7, hidden_size=64, num_hidden_layers=4,
 QUICK_TEACHER = dict(TEACHER, epochs=1)
 
 
+# transformers 5: ViTImageProcessor needs torchvision; without it, merely importing that name falls back to the PIL
+# twin with a warning on every run. Name the PIL class then (same preprocessing, nothing for the user to act on).
+Processor = ((importlib.util.find_spec("torchvision") is None and getattr(transformers, "ViTImageProcessorPil", None))
+             or transformers.ViTImageProcessor)
+
+
 def make_processor():
-    return ViTImageProcessor(do_resize=True, size={"height": 28, "width": 28}, image_mean=[MEAN] * 3,
-                             image_std=[STD] * 3)
+    return Processor(do_resize=True, size={"height": 28, "width": 28}, image_mean=[MEAN] * 3,
+                     image_std=[STD] * 3)
 
 
 def to_tensors(dataset, processor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,5 +124,5 @@ def prepare_teacher(quick: bool = False, data: dict | None = None):
                 "parameters": sum(p.numel() for p in model.parameters())}
 
     folder = cached_folder(name, recipe, build)
-    return (ViTForImageClassification.from_pretrained(folder).eval(), ViTImageProcessor.from_pretrained(folder),
+    return (ViTForImageClassification.from_pretrained(folder).eval(), Processor.from_pretrained(folder),
             prepared_info(folder))

@@ -98,3 +98,12 @@ class Signal(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight}, normalizer={self.normalizer!r}"
+
+
+def leaves_parameters_unused(signals) -> bool:
+    """Whether some training step may leave student parameters without a gradient, so DDP needs
+    ``find_unused_parameters=True``: a step at which no logit term (task loss or logit KD, which run the student's
+    whole forward through its head) has a weight > 0, e.g. FitNets' hint-only first stage, progressive stages, or
+    hidden-state-only runs (the head, a pooler). Every step of the weight schedules is checked on a grid of 101
+    points of training. The signals' own parameters are never DDP's concern (the trainer averages them itself)."""
+    return not all(any(s.logit and s.weight.value(i, 101) > 0 for s in signals) for i in range(101))
