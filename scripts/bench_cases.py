@@ -136,7 +136,8 @@ def _common_args(spec: dict, out_dir: str) -> dict:
                 max_steps=spec["warmup"] + spec["steps"],
                 per_device_train_batch_size=spec["batch"], learning_rate=1e-4, lr_scheduler_type="constant",
                 warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
-                report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True)
+                report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                use_cpu=spec.get("device", "cpu") == "cpu")
 
 
 def build_trainer(case: str, spec: dict, student, teacher, train_dataset, tokenizer, out_dir: str):

@@ -16,29 +16,34 @@ from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd.placement import local_fraction  # noqa: E402
 
 
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def run(output_dir, placement):
     teacher, student = tiny.pair()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=tiny.rows(),
                                   args=tiny.args(output_dir, max_steps=4, per_device_train_batch_size=2,
-                                                 teacher_placement=placement))
+                                                 teacher_placement=placement, use_cpu=not torch.cuda.is_available()))
     trainer.train()
-    fractions = [None] * dist.get_world_size()
-    dist.all_gather_object(fractions, local_fraction(trainer.teacher))
-    if placement == "shard":  # gather the shards back: the teacher's weights are unchanged
-        from torch.distributed.tensor import DTensor
-        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in trainer.teacher.state_dict().items()}
-        unchanged = all(torch.equal(full[k], v) for k, v in before.items())
-    else:
-        unchanged = all(torch.equal(trainer.teacher.state_dict()[k], v) for k, v in before.items())
+    fractions = [local_fraction(trainer.teacher)] * world()
+    if world() > 1:
+        dist.all_gather_object(fractions, fractions[0])
+    from torch.distributed.tensor import DTensor  # gather any shards back: the teacher's weights are unchanged
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu().float()
+            for k, v in getattr(trainer.teacher, "module", trainer.teacher).state_dict().items()}  # DeepSpeed: .module
+    unchanged = all(torch.equal(full[k], v.float()) for k, v in before.items())
     return {"logs": tiny.losses(trainer), "fractions": fractions, "unchanged": unchanged}
 
 
 def main():
     out_json, output_dir = sys.argv[1], sys.argv[2]
+    placements = sys.argv[sys.argv.index("--placements") + 1].split(",") if "--placements" in sys.argv else \
+        ["auto", "shard"]
     torch.set_num_threads(1)
-    results = {p: run(os.path.join(output_dir, p), p) for p in ("auto", "shard")}
-    if dist.get_rank() == 0:
+    results = {p: run(os.path.join(output_dir, p), p) for p in placements}
+    if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(out_json, "w"))
 
 
