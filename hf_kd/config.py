@@ -214,7 +214,8 @@ class DistillationConfig(TrainingArguments):
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (needs vllm installed and a CUDA GPU; "
                            "refused otherwise)."})
     generation_cache_dir: str | None = field(default=None, metadata={"help": "sequence_level: folder of the cached "
-                                             "teacher generations (default <output_dir>/teacher_generations)."})
+                                             "teacher generations, keyed by teacher, prompts and settings (default: "
+                                             "$HF_KD_CACHE, $HF_HOME/hf_kd or ~/.cache/hf_kd, + /teacher_generations)."})
     # cross-tokenizer distillation (hf_kd.cross_tokenizer, hf_kd.signals.cross_tokenizer)
     cross_tokenizer: str | None = field(default=None, metadata={"help": "Teacher and student with different "
                                         "tokenizers (causal LMs): 'exact' (KL over the tokens both vocabularies "

@@ -39,7 +39,8 @@ class GenerationSettings:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"generation_temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise ValueError(f"generation_temperature must be a finite number >= 0 (0 = greedy), got "
+                             f"{self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -186,7 +187,7 @@ def _weights_fingerprint(model) -> str:
 
 def cache_key(teacher, prompts: list[list[int]], settings: GenerationSettings, eos_ids: set[int], seed: int,
               shard_size: int) -> str:
-    """Teacher (config + weights sample), prompts, generation settings, EOS ids, seed and shard size -> a folder name."""
+    """Teacher (config + weights sample), prompts, generation settings, EOS ids, seed, shard size -> a folder name."""
     parts = {"teacher": _weights_fingerprint(unwrap(teacher)), "settings": asdict(settings),
              "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "eos": sorted(eos_ids),
              "seed": seed, "shard_size": shard_size}

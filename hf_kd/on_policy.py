@@ -14,12 +14,12 @@ only completion tokens are distilled, generated or not.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 from datasets import Dataset
 
+from .assets import cache_dir
 from .generation import (GenerationSettings, VLLMGenerator, check_vllm, derive_seed, eos_ids_of,
                          generate_completions, teacher_generations)
 from .prompts import IGNORE, PromptCollator, make_row, pad_id_of, pad_rows, split_batch, tokenize_prompts
@@ -83,7 +83,7 @@ class OnPolicy:
                 continue
             self.generated += 1
             if index not in self._kept:
-                self._kept[index] = self.generate(model, batch, derive_seed(self.seed, group, index))
+                self._kept[index] = self.generate(model, batch, derive_seed(self.seed, group, index, 1))
             out.append(self._kept[index])
         return out
 
@@ -134,20 +134,27 @@ def setup_data_mode(trainer, args, data_collator=None) -> OnPolicy | None:
                          "prompts and completions")
     if data_collator is None:
         trainer.data_collator = PromptCollator(trainer.processing_class)
-    data = trainer.train_dataset
-    if isinstance(data, Dataset) and "input_ids" not in data.column_names and {"prompt", "messages"} & set(
-            data.column_names):  # raw prompt-completion or conversational rows
-        trainer.train_dataset = tokenize_prompts(data, trainer.processing_class)
+    trainer.train_dataset = _tokenized(trainer.train_dataset, trainer.processing_class)
+    trainer.eval_dataset = _tokenized(trainer.eval_dataset, trainer.processing_class)
     if mode == "on_policy":
         return OnPolicy.from_args(args, trainer.model, trainer.processing_class)
     if trainer.teacher is None:
-        raise ValueError("data_mode='sequence_level' needs teacher_model= in memory: the teacher writes the completions")
+        raise ValueError("data_mode='sequence_level' needs teacher_model= in memory: the teacher writes the "
+                         "completions")
     if trainer.train_dataset is None:
         raise ValueError("data_mode='sequence_level' needs train_dataset= (the prompts the teacher completes)")
-    cache = args.generation_cache_dir or os.path.join(args.output_dir, "teacher_generations")
+    cache = args.generation_cache_dir or str(cache_dir() / "teacher_generations")  # keyed by content: shared by runs
     with args.main_process_first(desc="teacher generations"):  # one process generates, the others read the cache
         trainer.train_dataset = teacher_generations(
             trainer.teacher, trainer.processing_class, trainer.train_dataset, GenerationSettings.from_config(args),
             cache, batch_size=args.per_device_train_batch_size, seed=args.seed,
             progress=trainer.is_world_process_zero() and not args.disable_tqdm)
     return None
+
+
+def _tokenized(data, tokenizer):
+    """Raw prompt-completion or conversational rows -> tokenised rows (hf_kd.prompts); anything else unchanged."""
+    if isinstance(data, Dataset) and "input_ids" not in data.column_names and {"prompt", "messages"} & set(
+            data.column_names):
+        return tokenize_prompts(data, tokenizer)
+    return data

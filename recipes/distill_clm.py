@@ -52,6 +52,10 @@ class CausalLMJob(JobArguments):
                                             "importance, distilbert, uniform, first, last."})
     calibration_batches: int = dataclasses.field(default=4, metadata={"help": "Batches scored by 'importance'."})
     eval_blocks: int = dataclasses.field(default=64, metadata={"help": "Held-out blocks to evaluate (0 = all)."})
+    prompt_tokens: int = dataclasses.field(default=32, metadata={"help": "--data_mode sequence_level / on_policy: "
+                                           "each block's first N tokens are the prompt (not distilled); the teacher "
+                                           "(sequence_level) or the student (on_policy) writes max_new_tokens after "
+                                           "it."})
 
 
 def load_teacher(name: str):
@@ -109,8 +113,13 @@ def run(job: CausalLMJob, args) -> dict:
     metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
     remote = args.teacher_url is not None or args.teacher_cache is not None  # top-k from a server or a cache
+    rows = train_blocks if args.data_mode == "supervised" else train_blocks.map(  # prompts: labels -100
+        lambda r: {"labels": [-100] * job.prompt_tokens + r["labels"][job.prompt_tokens:]})
+    used = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if args.data_mode == "sequence_level" and 0 < used < len(rows):  # the teacher completes only the prompts used
+        rows = rows.select(range(used))
     trainer = DistillationTrainer(model=student, teacher_model=None if remote else teacher, args=args,
-                                  train_dataset=None if args.teacher_cache else train_blocks, processing_class=tok)
+                                  train_dataset=None if args.teacher_cache else rows, processing_class=tok)
     seconds = {"distillation": train(trainer)}
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
     histories = {"distillation": trainer.state.log_history}
@@ -118,8 +127,8 @@ def run(job: CausalLMJob, args) -> dict:
     # 4. Baseline: the same initial student, the same steps and data, the task loss alone
     if job.baseline:
         metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            args, new_student(), teacher=teacher, train_dataset=train_blocks, eval_batches=eval_batches, task=TASK,
-            processing_class=tok)
+            dataclasses.replace(args, data_mode="supervised"), new_student(), teacher=teacher,
+            train_dataset=train_blocks, eval_batches=eval_batches, task=TASK, processing_class=tok)
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
     notes = [f"student keeps teacher layers {student0.config.hf_kd_teacher_layers} ({job.layer_strategy})"]

@@ -311,7 +311,8 @@ def test_sequence_level_trainer_trains_on_the_teachers_text(tmp_path):
     teacher, student = _pair()
     calls = _count_generate(teacher)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=pairs(8),
-                                  args=_args(tmp_path, max_steps=2, data_mode="sequence_level", kd_loss="forward_kl"))
+                                  args=_args(tmp_path, max_steps=2, data_mode="sequence_level", kd_loss="forward_kl",
+                                             generation_cache_dir=str(tmp_path / "generations")))
     assert len(calls) == 2  # 8 prompts in batches of 4, before training
     seen = _record_batches(trainer)
     trainer.train()
@@ -319,4 +320,4 @@ def test_sequence_level_trainer_trains_on_the_teachers_text(tmp_path):
     for batch in seen:
         for r in range(batch["input_ids"].shape[0]):
             assert tuple(batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()) in made
-    assert (tmp_path / "teacher_generations").is_dir()
+    assert len(list((tmp_path / "generations").iterdir())) == 1  # one cache entry
