@@ -15,6 +15,8 @@ from .scripts import tiny
 from .scripts.tiny import one_thread  # noqa: F401  (autouse fixture)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_tiny.py")
+CPU_2PROC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "accelerate",
+                         "cpu_2proc.yaml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
@@ -26,12 +28,13 @@ def free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    # CPU only: torchrun starts 2 processes, the Trainer (use_cpu=True) joins them with the gloo backend.
-    # (`accelerate launch --cpu --num_processes 2` would start a single process.)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                             "127.0.0.1", "--master_port", str(free_port()), SCRIPT, str(tmp_path / "ddp.json"),
+    # CPU only: `accelerate launch` with the shipped 2-process config starts 2 gloo processes (ACCELERATE_USE_CPU;
+    # `accelerate launch --cpu --num_processes 2` would start a single process).
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
+                             "--main_process_port", str(free_port()), SCRIPT, str(tmp_path / "ddp.json"),
                              str(tmp_path / "ddp"), "--configs", "4x1,2x2"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     world, ref_logs, ref_rows = tiny.train_and_record(tmp_path / "one", 8)  # meanwhile: 1 process, batch 8
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-4000:]

@@ -1,7 +1,8 @@
 """Run tiny.train_and_record for several (per-device batch, accumulation) configs in one process group and
 write rank 0's results to a JSON file. tests/test_distributed.py launches it on 2 gloo CPU processes:
 
-    torchrun --nproc_per_node 2 ddp_tiny.py OUT_JSON OUTPUT_DIR --configs 4x1,2x2
+    ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml \
+        ddp_tiny.py OUT_JSON OUTPUT_DIR --configs 4x1,2x2
 
 Each config trains in OUTPUT_DIR/<config>; the first one also saves checkpoints every 2 steps.
 """
