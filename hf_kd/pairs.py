@@ -42,7 +42,8 @@ def shared_vocab(student, teacher, tokenizer) -> int | None:
         return min(v_s, v_t)
     raise ValueError(f"teacher vocabulary ({v_t}) and student vocabulary ({v_s}) differ: hf_kd compares logits "
                      "token by token, which needs one tokenizer. If they differ only by padding rows, pass the "
-                     "tokenizer as processing_class; otherwise pick a teacher and student with the same tokenizer.")
+                     "tokenizer as processing_class; otherwise pick a teacher and student with the same tokenizer, "
+                     "or set cross_tokenizer='uld' or 'exact' (causal LMs; pass both tokenizers).")
 
 
 def check_pair(student, teacher, task: str, args) -> None:

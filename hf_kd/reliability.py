@@ -60,7 +60,8 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
     raise ValueError(f"the teacher's tokenizer ({len(vt)} tokens) and the student's ({len(vs)} tokens) differ: "
                      f"{', '.join(text for found, text in diffs if found)}. hf_kd compares logits id by id, so "
                      "mixing them would match unrelated tokens: use the teacher's tokenizer for the student (a "
-                     "make_student student shares the teacher's vocabulary) or pick a teacher of the same family.")
+                     "make_student student shares the teacher's vocabulary), pick a teacher of the same family, or "
+                     "distil across tokenizers with cross_tokenizer='uld' or 'exact' (causal LMs, raw text).")
 
 
 def check_output_dir(path: str) -> None:
@@ -136,7 +137,8 @@ def check_training_data(trainer, dataset, description: str = "train_dataset") ->
     if len(dataset) == 0:
         raise ValueError(f"{description} is empty (0 rows): check the split name and any filter/select/max_samples "
                          "step that produced it")
-    if isinstance(dataset, datasets.Dataset):
+    tokenizes = getattr(trainer.args, "cross_tokenizer", None)  # its collator tokenises raw text with both tokenizers
+    if isinstance(dataset, datasets.Dataset) and not tokenizes:
         cols = set(dataset.column_names)
         if not cols & {"input_ids", "inputs_embeds", "pixel_values"}:
             hint = (" It has a raw text column: tokenize first, e.g. dataset.map(lambda b: tokenizer(b['text'], "
@@ -172,6 +174,8 @@ def check_batch(trainer, batch, where: str, need_labels: bool = True) -> None:
     if not isinstance(batch, Mapping):
         return
     configs = [base_model_of(m).config for m in _models(trainer)]
+    if getattr(trainer.args, "cross_tokenizer", None):  # input_ids are the student's; the teacher reads its own
+        configs = configs[:1]
     ids, pixels, labels = batch.get("input_ids"), batch.get("pixel_values"), batch.get("labels")
     if ids is None and pixels is None and batch.get("inputs_embeds") is None:
         raise ValueError(f"{where} has keys {sorted(batch)} but no input_ids or pixel_values: tokenize the text "

@@ -4,6 +4,7 @@
     hf-kd distill-mlm [flags]     recipes/distill_mlm.py: masked LM / sentence encoder (MiniLM-L6 -> 3 layers)
     hf-kd distill-image [flags]   recipes/distill_image.py: image classifier (ViT teacher on MNIST-5k -> ViT / CNN)
     hf-kd distill-textcls [flags] recipes/distill_textcls.py: text classifier (MiniLM-L6 on 20 Newsgroups -> 3 layers)
+    hf-kd distill-cross-tokenizer recipes/distill_cross_tokenizer.py: SmolLM2 -> a student with its own tokenizer
     hf-kd cache-teacher [flags]   recipes/cache_teacher.py: run a teacher once, store its top-k distribution
     hf-kd serve-teacher MODEL     recipes/serve_teacher.py: serve a teacher's top-k over HTTP (--teacher_url)
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "distill-mlm": "hf_kd_recipes.distill_mlm",
     "distill-image": "hf_kd_recipes.distill_image",
     "distill-textcls": "hf_kd_recipes.distill_textcls",
+    "distill-cross-tokenizer": "hf_kd_recipes.distill_cross_tokenizer",
     "cache-teacher": "hf_kd_recipes.cache_teacher",
     "serve-teacher": "hf_kd_recipes.serve_teacher",
 }

@@ -10,6 +10,7 @@ from ..schedules import Schedule, from_args
 from ..tasks import ENCODER
 from .attention import AttentionProbs, AttentionTransfer
 from .base import Context, Signal
+from .cross_tokenizer import CrossTokenizerKD, cross_tokenizer_signals
 from .gradients import AdversarialGradient, FeatureGradient, InputGradient
 from .hints import Hint
 from .hidden import (HiddenStates, SimilarityPreserving, build_projections, check_layer_map, default_layer_map,
@@ -23,11 +24,13 @@ WEIGHT_FIELDS = {"task": "alpha_task", "kd": "kd_weight", "hidden": "hidden_weig
                  "mutual": "mutual_weight", "self_distill": "self_distill_weight"}
 
 
-def from_config(args, task: str, teachers: dict, student) -> list[Signal]:
+def from_config(args, task: str, teachers: dict, student, tokenizers: tuple | None = None) -> list[Signal]:
     """The signals of the config's shorthand fields (alpha_task, kd_weight, hidden_weight, relation_weight, ...),
     each with its schedule; a term whose weight is 0 throughout is not built. ``teachers``: {name: model}, empty
     when training from a teacher cache; logit KD reads all of them (a mixture, ``teacher_weights``), the feature
-    signals the first."""
+    signals the first. ``tokenizers``: (student's, teacher's), read by ``cross_tokenizer='exact'``."""
+    if getattr(args, "cross_tokenizer", None):  # two vocabularies: the task loss and the cross-tokenizer term
+        return cross_tokenizer_signals(args, task, tokenizers) + _teacher_free_signals(args, student)
     signals = []
     teacher = next(iter(teachers.values()), None)
     alpha, kd = from_args(args, "alpha_task"), from_args(args, "kd_weight")
@@ -158,6 +161,6 @@ def _first_stage(signals: list[Signal], fraction: float) -> list[Signal]:
 
 __all__ = ["Context", "Signal", "TaskLoss", "LogitKD", "HiddenStates", "SimilarityPreserving", "Hint",
            "AttentionTransfer", "AttentionProbs", "InputGradient", "FeatureGradient", "AdversarialGradient",
-           "MutualLearning", "SelfDistillation",
+           "MutualLearning", "SelfDistillation", "CrossTokenizerKD",
            "from_config",
            "default_layer_map", "check_layer_map", "build_projections", "layer_pairs_for", "WEIGHT_FIELDS"]
