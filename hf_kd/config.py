@@ -13,7 +13,7 @@ from .align import KD_POSITIONS
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
 from .schedules import SCHEDULED, SCHEDULES
 KD_IMPLS = ("auto", "full", "chunked", "fused")
-TEACHER_PLACEMENTS = ("auto", "shard")  # hf_kd.placement
+TEACHER_PLACEMENTS = ("auto", "shard", "offload")  # hf_kd.placement
 TEACHER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
 DATA_MODES = ("supervised", "sequence_level", "on_policy")  # hf_kd.on_policy
@@ -94,7 +94,8 @@ class DistillationConfig(TrainingArguments):
     teacher_placement: str = field(default="auto", metadata={"help": "Several processes: 'auto' (as the "
                                    "accelerator places models: replicated under DDP, sharded under FSDP / ZeRO-3) or "
                                    "'shard' (FSDP2-shard the teacher over all processes whatever the student's "
-                                   "strategy, CPU included; see hf_kd.placement)."})
+                                   "strategy, CPU included) or 'offload' (GPU: those shards kept in CPU memory, "
+                                   "brought to the GPU block by block); see hf_kd.placement."})
     kd_impl: str = field(default="auto", metadata={"help": "Logit-loss implementation: 'full' (reference), "
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})

@@ -20,21 +20,28 @@ from .student import find_layers
 from .tasks import base_model_of
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2-shard ``teacher`` (frozen, in evaluation mode) over every process of the default process group."""
+def shard_teacher(teacher: nn.Module, device: torch.device, offload: bool = False) -> nn.Module:
+    """FSDP2-shard ``teacher`` (frozen, in evaluation mode) over every process of the default process group;
+    ``offload``: its shards stay in CPU memory and each block is brought to the accelerator for the pass
+    (``CPUOffloadPolicy``), for a teacher that does not fit next to the student."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        raise ValueError("teacher_placement='shard' shards the teacher over several processes: launch with "
-                         "`accelerate launch` / torchrun and 2+ processes, or use teacher_placement='auto'")
-    teacher.to(device)
+        raise ValueError("teacher_placement='shard' / 'offload' shards the teacher over several processes: launch "
+                         "with `accelerate launch` / torchrun and 2+ processes, or use teacher_placement='auto'")
+    if offload and device.type == "cpu":
+        raise ValueError("teacher_placement='offload' keeps the teacher in CPU memory between uses of an "
+                         "accelerator; on the CPU the teacher is there already: use 'shard'")
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    if not offload:
+        teacher.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     _, blocks = find_layers(base_model_of(teacher))
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
     return teacher
 
 

@@ -199,11 +199,11 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         dtype = teacher_dtype(self.args.teacher_dtype, teacher, self.args.device)
         if dtype is not None:
             teacher = teacher.to(dtype)
-        if self.args.teacher_placement == "shard" or self.is_fsdp_enabled:  # accelerate does not shard an
+        if self.args.teacher_placement != "auto" or self.is_fsdp_enabled:  # accelerate does not shard an
             if self.is_deepspeed_enabled:                                      # evaluation-mode model under FSDP2
-                raise ValueError("teacher_placement='shard' with DeepSpeed: ZeRO-3 shards the teacher itself; use "
-                                 "teacher_placement='auto'")
-            return placement.shard_teacher(teacher, self.args.device)
+                raise ValueError(f"teacher_placement={self.args.teacher_placement!r} with DeepSpeed: ZeRO-3 shards "
+                                 "the teacher itself; use teacher_placement='auto'")
+            return placement.shard_teacher(teacher, self.args.device, self.args.teacher_placement == "offload")
         if self.is_deepspeed_enabled:  # GPU only: ZeRO-3 shards the teacher too; other stages run it plain
             import deepspeed
             ds = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)

@@ -35,6 +35,7 @@ def test_sharded_teacher_holds_half_its_weights_per_rank_and_matches_the_replica
     assert auto["fractions"] == [1.0, 1.0]  # DDP: a full teacher on every rank
     assert all(0.45 < f < 0.75 for f in shard["fractions"]), shard["fractions"]  # blocks halved, root freed
     assert shard["unchanged"] and auto["unchanged"]
+    assert "on the CPU the teacher is there already" in results["offload_error"]
     assert len(auto["logs"]) == 4
     for a, b in zip(auto["logs"], shard["logs"]):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-7)

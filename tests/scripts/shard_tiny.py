@@ -43,6 +43,11 @@ def main():
         ["auto", "shard"]
     torch.set_num_threads(1)
     results = {p: run(os.path.join(output_dir, p), p) for p in placements}
+    if world() > 1 and not torch.cuda.is_available():  # CPU offload of a teacher already on the CPU: refused
+        try:
+            run(os.path.join(output_dir, "offload"), "offload")
+        except ValueError as e:
+            results["offload_error"] = str(e)
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(out_json, "w"))
 
