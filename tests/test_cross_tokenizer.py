@@ -255,6 +255,10 @@ def test_different_tokenizers_are_refused_without_a_cross_tokenizer_mode(tmp_pat
         DistillationTrainer(model=student, teacher_model=teacher,
                             args=cfg(tmp_path, cross_tokenizer="uld", hidden_weight=1.0),
                             train_dataset=data, processing_class=student_tok, teacher_processing_class=teacher_tok)
+    with pytest.raises(ValueError, match="data_mode='on_policy'.*cannot read"):  # generations are student ids
+        DistillationTrainer(model=student, teacher_model=teacher,
+                            args=cfg(tmp_path, cross_tokenizer="uld", data_mode="on_policy"),
+                            train_dataset=data, processing_class=student_tok, teacher_processing_class=teacher_tok)
 
 
 def test_student_embeddings_from_the_teachers_pieces():

@@ -143,6 +143,9 @@ def cross_tokenizer_signals(args, task: str, tokenizers: tuple | None) -> list[S
         raise ValueError(f"cross_tokenizer {mode!r} unknown; choose one of {list(CROSS_TOKENIZER_LOSSES)}")
     if task != CAUSAL_LM:
         raise ValueError(f"cross_tokenizer distils causal language models; this student is a {task} model")
+    if getattr(args, "data_mode", "supervised") != "supervised":
+        raise ValueError(f"cross_tokenizer with data_mode={args.data_mode!r}: generated completions are the student's "
+                         "token ids, which the teacher cannot read; use data_mode='supervised' (raw text rows)")
     weight = from_args(args, "kd_weight") if args.cross_tokenizer_weight is None else args.cross_tokenizer_weight
     others = [n for n in _SAME_TOKENS[1:] if getattr(args, n) > 0]
     if others:
