@@ -236,6 +236,8 @@ def test_trainer_distils_across_tokenizers_and_leaves_the_teacher_untouched(tmp_
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in student_before.items())
     logged = [h for h in trainer.state.log_history if "cross_tokenizer_loss" in h]
     assert len(logged) == 3 and all(h["cross_tokenizer_loss"] > 0 and math.isfinite(h["loss"]) for h in logged)
+    metrics = trainer.evaluate(data.select(range(8)))  # evaluation goes through the same columns
+    assert metrics["eval_cross_tokenizer_loss"] > 0 and math.isfinite(metrics["eval_loss"])
     if mode == "exact":
         assert all(0 < h["cross_tokenizer_teacher_shared_mass"] <= 1 for h in logged)
         assert signal.coverage["shared_tokens"] > 10
