@@ -93,3 +93,26 @@ def teacher_dtype(choice: str, teacher, device: torch.device) -> torch.dtype | N
     if param is not None and param.dtype == torch.float32 and native_bf16(device):
         return torch.bfloat16
     return None
+
+
+def load_teachers(teacher_model, student, task: str, args, tokenizer) -> tuple[dict, int | None]:
+    """``teacher_model``: a model, a folder / Hub id, or several of them (a list, or a name -> model mapping); each
+    is loaded and checked against the student. Returns ({name: model}, the vocabulary rows the logit losses
+    compare: the smallest real vocabulary shared with the student, None = all)."""
+    if isinstance(teacher_model, dict):
+        teachers = dict(teacher_model)
+    elif isinstance(teacher_model, (list, tuple)):
+        teachers = {f"teacher{i}": t for i, t in enumerate(teacher_model)}
+    else:
+        teachers = {"teacher": teacher_model}
+    if not teachers:
+        raise ValueError("teacher_model is an empty collection: pass at least one teacher")
+    kd_vocab = None
+    for name, t in teachers.items():
+        if isinstance(t, (str, os.PathLike)):
+            teachers[name] = t = load_teacher(str(t), task)
+        check_pair(student, t, task, args)
+        if task != CLASSIFICATION and not args.cross_tokenizer:
+            vocab = shared_vocab(student, t, tokenizer)
+            kd_vocab = vocab if kd_vocab is None or vocab is None else min(vocab, kd_vocab)
+    return teachers, kd_vocab

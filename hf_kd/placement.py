@@ -13,9 +13,12 @@ size, at the cost of an all-gather per block per pass.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from .pairs import teacher_dtype
 from .student import find_layers
 from .tasks import base_model_of
 
@@ -59,3 +62,28 @@ def local_fraction(model: nn.Module) -> float:
     params = list(model.parameters())
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     return local / max(sum(p.numel() for p in params), 1)
+
+
+def prepare_teacher(teacher: nn.Module, args, accelerator, *, deepspeed: bool, fsdp: bool) -> nn.Module:
+    """Freeze the teacher (evaluation mode, no gradients), cast it to ``args.teacher_dtype`` and place it: FSDP2
+    shards (``teacher_placement`` 'shard' / 'offload', and always under FSDP), a DeepSpeed engine (ZeRO-3
+    partitions it; other stages run it plain), else the accelerator's evaluation-mode placement."""
+    teacher.eval().requires_grad_(False)
+    dtype = teacher_dtype(args.teacher_dtype, teacher, args.device)
+    if dtype is not None:
+        teacher = teacher.to(dtype)
+    if args.teacher_placement != "auto" or fsdp:  # accelerate does not shard an evaluation-mode model under FSDP2
+        if deepspeed:
+            raise ValueError(f"teacher_placement={args.teacher_placement!r} with DeepSpeed: ZeRO-3 shards the "
+                             "teacher itself; use teacher_placement='auto'")
+        return shard_teacher(teacher, args.device, args.teacher_placement == "offload")
+    if deepspeed:  # GPU only
+        import deepspeed as ds_lib
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}
+        teacher, *_ = ds_lib.initialize(model=teacher, config=config)
+        return teacher.eval()
+    return accelerator.prepare_model(teacher, evaluation_mode=True)

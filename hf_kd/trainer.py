@@ -14,7 +14,6 @@ they are never saved into the student folder.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import defaultdict
 
@@ -29,7 +28,7 @@ from .config import DistillationConfig
 from .curriculum import TeacherCurriculum
 from .engine import LogitEngine, logit_needs
 from .on_policy import setup_data_mode
-from .pairs import check_pair, load_teacher, shared_vocab, teacher_dtype
+from .pairs import load_teachers
 from .schedules import Schedule
 from .served import TopkCollator, connect
 from .signals import WEIGHT_FIELDS, Context, Signal, from_config
@@ -78,7 +77,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             if args.should_save:
                 reliability.check_output_dir(args.output_dir)
             if teacher_model is not None:
-                teachers = self._load_teachers(teacher_model, student, args, kwargs.get("processing_class"))
+                teachers, self.kd_vocab = load_teachers(teacher_model, student, self.task, args,
+                                                        kwargs.get("processing_class"))
         self.default_teacher = next(iter(teachers), "teacher")
         self.signals = self._build_signals(args, teachers, student, signals or [], cache_meta, tokenizers)
         self._attach_signals(model, student)
@@ -106,26 +106,6 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         curriculum = TeacherCurriculum(self.teacher, args.teacher_checkpoints.split(","), switch)
         self.add_callback(curriculum)
         return curriculum
-
-    def _load_teachers(self, teacher_model, student, args, tokenizer) -> dict:
-        """``teacher_model``: a model, a folder / Hub id, or several of them (a list, or a name -> model mapping);
-        each is loaded and checked against the student; returns {name: model}."""
-        if isinstance(teacher_model, dict):
-            teachers = dict(teacher_model)
-        elif isinstance(teacher_model, (list, tuple)):
-            teachers = {f"teacher{i}": t for i, t in enumerate(teacher_model)}
-        else:
-            teachers = {"teacher": teacher_model}
-        if not teachers:
-            raise ValueError("teacher_model is an empty collection: pass at least one teacher")
-        for name, t in teachers.items():
-            if isinstance(t, (str, os.PathLike)):
-                teachers[name] = t = load_teacher(str(t), self.task)
-            check_pair(student, t, self.task, args)
-            if self.task != "classification" and not args.cross_tokenizer:
-                vocab = shared_vocab(student, t, tokenizer)
-                self.kd_vocab = vocab if self.kd_vocab is None or vocab is None else min(vocab, self.kd_vocab)
-        return teachers
 
     # ---- the signals ----------------------------------------------------------------------------------------
     def _build_signals(self, args, teachers: dict, student, extra: list, cache_meta, tokenizers=None) -> nn.ModuleList:
@@ -195,25 +175,8 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     # ---- teacher -------------------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        teacher.eval().requires_grad_(False)
-        dtype = teacher_dtype(self.args.teacher_dtype, teacher, self.args.device)
-        if dtype is not None:
-            teacher = teacher.to(dtype)
-        if self.args.teacher_placement != "auto" or self.is_fsdp_enabled:  # accelerate does not shard an
-            if self.is_deepspeed_enabled:                                      # evaluation-mode model under FSDP2
-                raise ValueError(f"teacher_placement={self.args.teacher_placement!r} with DeepSpeed: ZeRO-3 shards "
-                                 "the teacher itself; use teacher_placement='auto'")
-            return placement.shard_teacher(teacher, self.args.device, self.args.teacher_placement == "offload")
-        if self.is_deepspeed_enabled:  # GPU only: ZeRO-3 shards the teacher too; other stages run it plain
-            import deepspeed
-            ds = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-            for key in ("optimizer", "scheduler"):
-                ds.pop(key, None)
-            if ds.get("zero_optimization", {}).get("stage") != 3:
-                ds["zero_optimization"] = {"stage": 0}
-            teacher, *_ = deepspeed.initialize(model=teacher, config=ds)
-            return teacher.eval()
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return placement.prepare_teacher(teacher, self.args, self.accelerator, deepspeed=self.is_deepspeed_enabled,
+                                         fsdp=self.is_fsdp_enabled)
 
     # ---- normalisation ---------------------------------------------------------------------------------------
     def _counts(self, batches: list, device) -> dict:
