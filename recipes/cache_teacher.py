@@ -3,8 +3,9 @@ train with ``--teacher_cache FOLDER`` and no teacher in memory.
 
     python recipes/cache_teacher.py --output_dir outputs/teacher_cache [--k 32] [--temperature 1.0] [--max_blocks N]
 
-The cache format (columns, metadata, the top-k KL) is :mod:`hf_kd.teacher_cache`; train at the temperature the
-cache was made at.
+The cache format (columns, metadata, the top-k KL) is :mod:`hf_kd.teacher_cache`. The default cache is made at
+T = 1 and serves any constant training temperature: the top-k is re-tempered at load (exact inside the top-k, the
+tail's share estimated: :func:`hf_kd.teacher_cache.retemper`); a cache made at T is used as is when training at T.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class CacheArguments:
     block_size: int = dataclasses.field(default=128, metadata={"help": "Tokens per packed sequence."})
     max_blocks: int = dataclasses.field(default=0, metadata={"help": "Blocks to cache (0 = all)."})
     k: int = dataclasses.field(default=32, metadata={"help": "Teacher log-probabilities kept per token."})
-    temperature: float = dataclasses.field(default=2.0, metadata={"help": "Temperature the cache is made at; "
-                                           "training must use the same."})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "Temperature the cache is made at. "
+                                           "1 (default) serves every training temperature by re-tempering at "
+                                           "load; any other value must equal the training temperature."})
     storage_dtype: str = dataclasses.field(default="float16", metadata={"help": "float16 or float32."})
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Teacher batch size."})
 
