@@ -17,10 +17,7 @@ runs on one thread (``--threads``). ``--render`` writes the Markdown report (scr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
-import json
 import os
 import platform
 import shutil
@@ -42,6 +39,7 @@ from hf_kd.views import MultiViewCollator, random_shift  # noqa: E402
 from hf_kd_recipes.distill_image import DEFAULTS, ImageJob, build_student  # noqa: E402
 from hf_kd_recipes.image_teacher import MEAN, STD, TEACHER, make_processor, prepare_teacher, splits  # noqa: E402
 import methods_modes as modes  # noqa: E402
+from methods_results import load, machine_info, merge, row_key  # noqa: E402
 
 PAIRS = {"resnet": "vit.layers.1:resnet.encoder.stages.0,vit.layers.3:resnet.encoder.stages.1",
          "vit": "vit.layers.1:vit.layers.0,vit.layers.3:vit.layers.1"}
@@ -272,59 +270,6 @@ def _regression_config(student):
     config = copy.deepcopy(student.config)
     config.num_labels, config.problem_type = 1, "regression"
     return config
-
-
-# ---- the results file ---------------------------------------------------------------------------------------
-
-def row_key(split, student, spec, seed, steps) -> str:
-    return f"{split}|{student}|{spec}|{seed}|{steps}"
-
-
-@contextlib.contextmanager
-def locked(path: str):
-    name = "hf_kd_methods_" + os.path.abspath(path).replace(os.sep, "_") + ".lock"  # beside nothing in the repo
-    with open(os.path.join(tempfile.gettempdir(), name), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def load(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {"meta": {}, "rows": {}}
-
-
-def merge(path: str, rows: dict | None = None, meta: dict | None = None) -> dict:
-    """Re-read ``path``, add ``rows`` and ``meta`` entries (lists in meta are extended), write it atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with locked(path):
-        doc = load(path)
-        doc["rows"].update(rows or {})
-        for k, v in (meta or {}).items():
-            doc["meta"][k] = doc["meta"].get(k, []) + v if isinstance(v, list) else v
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".methods-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    return doc
-
-
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    import subprocess
-    import transformers
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"git_head": git("rev-parse", "--short", "HEAD"),
-            "uncommitted_hf_kd": git("status", "--porcelain", "--", "hf_kd").splitlines(), "cpu": cpu,
-            "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def parse_args(argv=None):
