@@ -7,6 +7,7 @@
     hf-kd distill-cross-tokenizer recipes/distill_cross_tokenizer.py: SmolLM2 -> a student with its own tokenizer
     hf-kd cache-teacher [flags]   recipes/cache_teacher.py: run a teacher once, store its top-k distribution
     hf-kd serve-teacher MODEL     recipes/serve_teacher.py: serve a teacher's top-k over HTTP (--teacher_url)
+    hf-kd estimate-memory [flags] recipes/estimate_memory.py: per-device memory of a run, before launch
 
 Every DistillationConfig field is a flag (e.g. --max_steps 20 --temperature 4); --config file.yaml too;
 `hf-kd COMMAND --help` lists them.
@@ -25,6 +26,7 @@ COMMANDS = {
     "distill-cross-tokenizer": "hf_kd_recipes.distill_cross_tokenizer",
     "cache-teacher": "hf_kd_recipes.cache_teacher",
     "serve-teacher": "hf_kd_recipes.serve_teacher",
+    "estimate-memory": "hf_kd_recipes.estimate_memory",
 }
 
 
