@@ -20,9 +20,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import DistillationConfig
 from .curriculum import load_weights
-from .experiment import Interrupted
+from .experiment import Interrupted, baseline_args
 from .report import num_parameters
-from .student import find_layers
+from .student import find_layers, make_student
 from .tasks import base_model_of
 from .trainer import DistillationTrainer
 
@@ -38,6 +38,12 @@ def assistant_layers(teacher: nn.Module, student_parameters: int) -> int:
     target = math.sqrt(total * student_parameters)
     sizes = {n: total - (len(blocks) - n) * per_block for n in range(1, len(blocks) + 1)}
     return min(sizes, key=lambda n: (abs(sizes[n] - target), n))
+
+
+def make_assistant(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """The assistant between ``teacher`` and ``student``: ``make_student(teacher)`` with the number of layers
+    :func:`assistant_layers` gives for the student's parameter count."""
+    return make_student(teacher, num_layers=assistant_layers(teacher, num_parameters(student)))
 
 
 def distill_chain(teacher: nn.Module, students: list[nn.Module], args: DistillationConfig, **trainer_kwargs) -> list:
@@ -114,3 +120,17 @@ def born_again(teacher: nn.Module, new_model, generations: int, args: Distillati
         raise ValueError("born-again generations share the teacher's architecture: new_model() must build a model "
                          "shaped like the teacher")
     return students, distill_chain(teacher, students, args, **trainer_kwargs)
+
+
+def born_again_from_labels(teacher: nn.Module, new_model, generations: int, args: DistillationConfig,
+                           **trainer_kwargs) -> list:
+    """Born-again networks with no outside teacher: generation 0 (``new_model()``) trained on its labels alone
+    (:func:`hf_kd.experiment.baseline_args`: every teacher term 0; ``teacher`` is passed but not read) in
+    ``output_dir/generation_0``, then :func:`born_again` from it. Resumable like any chain. Returns
+    [generation 0, generation 1, ...]."""
+    first = new_model()
+    plain = dataclasses.replace(baseline_args(args, os.path.join(args.output_dir, "generation_0")),
+                                save_strategy=args.save_strategy)
+    distill_chain(teacher, [first], plain, **trainer_kwargs)
+    students, _ = born_again(first, new_model, generations, args, **trainer_kwargs)
+    return [first, *students]

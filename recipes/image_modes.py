@@ -8,15 +8,12 @@ Teachers are trained once on the teacher's 3,500 digits and cached like the ViT 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_kd import make_student
 from hf_kd.assets import cached_folder, prepared_info
-from hf_kd.chain import assistant_layers, born_again, chain_vs_direct, distill_chain
-from hf_kd.experiment import baseline_args
+from hf_kd.chain import born_again_from_labels, chain_vs_direct, make_assistant
 from hf_kd.report import evaluate
 from hf_kd_recipes.image_teacher import LABELS, TEACHER, accuracy, train_teacher
 
@@ -87,17 +84,12 @@ def run_staged(mode: str, args, teacher, new_student, generations: int, train_di
     def score(model):
         return {"accuracy": evaluate(model, eval_batches, "classification")["accuracy"]}
     if mode == "chain":
-        size = sum(p.numel() for p in new_student().parameters())
-        assistant = make_student(teacher, num_layers=assistant_layers(teacher, size))
-        return chain_vs_direct(teacher, [assistant], new_student, args, score, train_dataset=train_digits)
+        return chain_vs_direct(teacher, [make_assistant(teacher, new_student())], new_student, args, score,
+                               train_dataset=train_digits)
     if mode != "born_again":
         raise ValueError(f"--mode must be 'distill', 'chain' or 'born_again', not {mode!r}")
-    first = new_student()
-    plain = dataclasses.replace(baseline_args(args, os.path.join(args.output_dir, "generation_0")),
-                                save_strategy=args.save_strategy)
-    distill_chain(teacher, [first], plain, train_dataset=train_digits)  # the teacher is not read (weights 0)
-    students, _ = born_again(first, new_student, generations, args, train_dataset=train_digits)
-    rows = [{"generation": i, **score(s)} for i, s in enumerate([first, *students])]
+    models = born_again_from_labels(teacher, new_student, generations, args, train_dataset=train_digits)
+    rows = [{"generation": i, **score(s)} for i, s in enumerate(models)]
     lines = ["# Born-again generations (0: no teacher)", "", "| generation | accuracy |", "|---|---|"]
     lines += [f"| {r['generation']} | {r['accuracy']:.4f} |" for r in rows]
     if args.should_save:

@@ -9,14 +9,11 @@ plain-KD rows at the chain's total steps (2 stages x --steps)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 
-from hf_kd import make_student
-from hf_kd.chain import assistant_layers, born_again, distill_chain
-from hf_kd.experiment import baseline_args
+from hf_kd.chain import born_again_from_labels, distill_chain, make_assistant
 from hf_kd.report import evaluate
 from hf_kd_recipes.image_modes import prepare_resnet_teacher, prepare_teacher_route
 
@@ -75,17 +72,13 @@ def run_staged(name: str, teacher, new_student, make_args, train_dataset, batche
     try:
         start = time.perf_counter()
         if name == "born_again":
-            first = new_student()
-            distill_chain(teacher, [first], baseline_args(make_args(os.path.join(out, "g0")),
-                                                          os.path.join(out, "g0")), **kw)
-            students, _ = born_again(first, new_student, 2, make_args(os.path.join(out, "ban")), **kw)
-            stages = {"generation_0": score(first), **{f"generation_{i + 1}": score(s)
-                                                       for i, s in enumerate(students)}}
-            final = students[-1]
+            models = born_again_from_labels(teacher, new_student, 2, make_args(out), **kw)
+            stages = {f"generation_{i}": score(m) for i, m in enumerate(models)}
+            final = models[-1]
         else:
             final = new_student()
             size = sum(p.numel() for p in final.parameters())
-            assistant = make_student(teacher, num_layers=assistant_layers(teacher, size))
+            assistant = make_assistant(teacher, final)
             distill_chain(teacher, [assistant, final], make_args(out), **kw)
             stages = {"assistant": score(assistant), "assistant_parameters": sum(p.numel() for p in
                                                                                  assistant.parameters()),
