@@ -30,13 +30,20 @@ def load_teacher(path_or_id: str, task: str):
     return auto.from_pretrained(path_or_id)
 
 
+PADDING_ROWS = 512  # most rows a head may add to its tokenizer's tokens as padding (or 1% of them)
+
+
 def shared_vocab(student, teacher, tokenizer) -> int | None:
-    """Vocabulary size to compare logits over, or None when both heads are the same size."""
+    """Vocabulary size to compare logits over, or None when both heads are the same size. Heads of different sizes
+    are taken as one tokenizer plus padding rows only when ``tokenizer`` fits in both and neither head exceeds it by
+    more than :data:`PADDING_ROWS` (or 1%); anything else is refused."""
     v_s, v_t = student.config.vocab_size, teacher.config.vocab_size
     if v_s == v_t:
         return None
     n_real = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-    if n_real is not None and n_real <= min(v_s, v_t):
+    # padding rows round a vocabulary up (to a multiple of 64 or 128, a few hundred rows at most): a head far larger
+    # than the tokenizer belongs to another tokenizer, whose ids mean other tokens
+    if n_real is not None and n_real <= min(v_s, v_t) and max(v_s, v_t) - n_real <= max(PADDING_ROWS, n_real // 100):
         warnings.warn(f"teacher vocabulary {v_t} and student {v_s} differ only by padding rows (tokenizer has "
                       f"{n_real} tokens): comparing logits over the first {min(v_s, v_t)}")
         return min(v_s, v_t)

@@ -72,6 +72,13 @@ def test_vocabulary_size_mismatch_is_refused(tmp_path, tiny_tokenizer, with_toke
         trainer(llama(), llama(hidden=16, layers=2, vocab=30), tmp_path, **extra)
 
 
+def test_a_head_far_larger_than_the_tokenizer_is_another_tokenizer(tmp_path, tiny_tokenizer):
+    """The student's own 37-token tokenizer fits in both heads, but the teacher's head has 600 more rows than it has
+    tokens: that is another tokenizer's vocabulary, not padding, and its ids mean other tokens."""
+    with pytest.raises(ValueError, match=r"teacher vocabulary \(640\) and student vocabulary \(40\) differ"):
+        trainer(llama(vocab=640), llama(hidden=16, layers=2, vocab=40), tmp_path, processing_class=tiny_tokenizer)
+
+
 def test_vocabulary_padding_rows_warn_and_truncate(tmp_path, tiny_tokenizer):
     with pytest.warns(UserWarning, match="differ only by padding rows"):
         t = trainer(llama(), llama(hidden=16, layers=2, vocab=48), tmp_path, processing_class=tiny_tokenizer,
