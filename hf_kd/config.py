@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -305,6 +306,10 @@ class DistillationConfig(TrainingArguments):
         if self.kd_positions == "all":
             raise ValueError(f"data_mode={self.data_mode!r} with kd_positions='all' would distil prompt tokens: use "
                              "'auto' or 'labels' (completion tokens only)")
+        if self.data_mode == "on_policy" and self.lmbda > 0 and self.alpha_task > 0:
+            warnings.warn("data_mode='on_policy' with alpha_task > 0: the task loss trains the student on its own "
+                          "sampled completions as if they were data; GKD uses alpha_task=0 (the teacher's scores "
+                          "alone)", stacklevel=3)
 
     def _check_schedule(self) -> None:
         ends = {name: getattr(self, f"{name}_end") for name in SCHEDULED}

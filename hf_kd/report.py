@@ -111,7 +111,14 @@ def latency(model, inputs: dict, repeats: int = 5) -> float:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """The CPU (its model name where Linux tells it), cores, torch and its thread count: timings depend on all."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def plot_curves(histories: dict[str, list[dict]], path: str, title: str = "") -> str | None:

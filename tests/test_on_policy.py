@@ -235,6 +235,17 @@ def test_refusals(tmp_path):
             DistillationConfig(output_dir=str(tmp_path), report_to=[], **{"data_mode": "on_policy", **bad})
 
 
+def test_task_loss_on_the_students_own_samples_warns(tmp_path):
+    with pytest.warns(UserWarning, match="its own sampled completions"):
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], data_mode="on_policy", alpha_task=1.0)
+    import warnings
+    for quiet in (dict(alpha_task=0.0), dict(alpha_task=1.0, lmbda=0.0), dict(data_mode="sequence_level")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DistillationConfig(output_dir=str(tmp_path), report_to=[], **{"data_mode": "on_policy", **quiet})
+        assert not [w for w in caught if "own sampled" in str(w.message)], quiet
+
+
 VLLM_READY = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
