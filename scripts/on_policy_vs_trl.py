@@ -1,6 +1,7 @@
 """On-policy distillation, hf_kd vs TRL, on the same teacher, student, prompts and settings (issue 11, Performance).
 
-hf_kd: ``DistillationTrainer(data_mode="on_policy", lmbda=1)``; TRL: ``trl.experimental.gkd.GKDTrainer`` (lmbda=1).
+hf_kd: ``DistillationTrainer(data_mode="on_policy", lmbda=1)``; TRL: ``trl.DistillationTrainer`` (always on-policy, its
+prompts given as the decoded text of the same tokens) and ``trl.experimental.gkd.GKDTrainer`` (lmbda=1).
 Both: SmolLM2-135M-Instruct teacher (packaged, float32), one 6-layer student (uniform layers) built once and saved so
 both start from identical weights, prompts = the first 32 tokens of packed tales blocks (identical token ids, no
 chat template), 32 new tokens sampled at temperature 1 with no top-k / top-p, batch 4, AdamW lr 1e-5 constant,
@@ -29,7 +30,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # hf_kd from this checkout
 
 PROMPT_TOKENS, COMPLETION_TOKENS = 32, 32
-CASES = {"hf_kd": "hf_kd on_policy (float32 teacher)", "trl_gkd": "TRL 1.16 GKDTrainer",
+CASES = {"hf_kd": "hf_kd on_policy (float32 teacher)", "trl_distill": "TRL 1.16 DistillationTrainer",
+         "trl_gkd": "TRL 1.16 GKDTrainer (experimental)",
          "hf_kd_auto": "hf_kd on_policy (default teacher_dtype=auto)"}
 
 
@@ -109,6 +111,14 @@ def child(case: str, folder: str, warmup: int, steps: int, batch: int, new_token
                                   teacher_dtype="auto" if case == "hf_kd_auto" else "float32")
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                       processing_class=tok, callbacks=[Clock()])
+    elif case == "trl_distill":  # always on-policy; takes text prompts and tokenises them itself
+        from trl import DistillationConfig as TrlConfig
+        from trl import DistillationTrainer as TrlTrainer
+        prompts = Dataset.from_list([{"prompt": tok.decode(r[:PROMPT_TOKENS])} for r in rows])
+        args = TrlConfig(**common, beta=0.0, temperature=1.0, max_completion_length=new_tokens, top_p=1.0, top_k=0,
+                         gradient_checkpointing=False, shuffle_dataset=False)
+        trainer = TrlTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
+                             processing_class=tok, callbacks=[Clock()])
     else:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -151,12 +161,12 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    ref = next((r for r in rows if r["case"] == "trl_gkd"), None)
-    lines = ["| case | s/step | tokens/s | x TRL tokens/s | generation share | peak RSS (MB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    refs = [r for case in ("trl_distill", "trl_gkd") for r in rows if r["case"] == case]
+    lines = ["| case | s/step | tokens/s | " + " | ".join(f"x {r['label']}" for r in refs)
+             + " | generation share | peak RSS (MB) |", "|---|---:|---:|" + "---:|" * (len(refs) + 2)]
     for r in rows:
-        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else ""
-        lines.append(f"| {r['label']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | "
+        ratios = "".join(f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f} | " for ref in refs)
+        lines.append(f"| {r['label']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratios}"
                      f"{r['generation_share']:.0%} | {r['peak_rss_mb']:,.0f} |")
     return "\n".join(lines)
 
@@ -170,7 +180,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--cases", default="hf_kd,trl_gkd,hf_kd_auto")
+    p.add_argument("--cases", default="hf_kd,trl_distill,trl_gkd")
     p.add_argument("--out", default="results/on_policy_vs_trl.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -180,7 +190,7 @@ def main() -> None:
                                                  a.threads)), flush=True)
         return
     if a.quick:
-        a.steps, a.warmup, a.batch, a.max_new_tokens, a.cases = 1, 1, 2, 8, "hf_kd,trl_gkd"
+        a.steps, a.warmup, a.batch, a.max_new_tokens, a.cases = 1, 1, 2, 8, "hf_kd,trl_distill"
     layers = 2 if a.quick else 6
     cases = a.cases.split(",")
     info = {**machine(), "loadavg_before": os.getloadavg()}
