@@ -110,15 +110,18 @@ def latency(model, inputs: dict, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def machine() -> str:
-    """The CPU (its model name where Linux tells it), cores, torch and its thread count: timings depend on all."""
-    cpu = platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it (/proc/cpuinfo), else the platform's processor or machine."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The CPU, cores, torch and its thread count: timings depend on all."""
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def plot_curves(histories: dict[str, list[dict]], path: str, title: str = "") -> str | None:

@@ -100,13 +100,8 @@ def setup_torch(threads: int):
 def machine_info() -> dict:
     import torch
     import transformers
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(available_gb(), 1), "python": platform.python_version(),
+    from hf_kd.report import cpu_name
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "ram_gb": round(available_gb(), 1), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import trl

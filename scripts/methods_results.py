@@ -52,8 +52,8 @@ def merge(path: str, rows: dict | None = None, meta: dict | None = None) -> dict
 
 
 def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    from hf_kd.report import cpu_name
+    cpu = cpu_name()
     import subprocess
     import transformers
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -152,11 +152,8 @@ def machine() -> dict:
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    from hf_kd.report import cpu_name
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl_version, "python": platform.python_version()}
 
 
