@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .align import task_loss_sum
-from .tasks import CAUSAL_LM, CLASSIFICATION, base_model_of
+from .tasks import CAUSAL_LM, CLASSIFICATION, as_model_dtype, base_model_of
 
 Tensor = torch.Tensor
 
@@ -262,7 +262,7 @@ def run(model: nn.Module, inputs: dict, needs: Needs, task: str, *, teacher: boo
     """
     if needs.grads and labels is None:
         raise ValueError("gradient signals take the gradient of the task loss: the batch needs labels")
-    leaf = None
+    inputs, leaf = as_model_dtype(model, inputs), None
     # the teacher: inference mode unless gradients are taken; the student: as the caller has it (no_grad in
     # evaluation), but gradients of the task loss need a graph even there
     grad_mode = torch.enable_grad() if needs.grads else torch.inference_mode() if teacher else contextlib.nullcontext()

@@ -89,9 +89,10 @@ class DistillationConfig(TrainingArguments):
     use_projection: bool = field(default=True, metadata={"help": "Learn a Linear(student_dim, teacher_dim) "
                                  "per mapped pair where widths differ (trained, not saved into the student)."})
     teacher_dtype: str = field(default="auto", metadata={"help": "Teacher weights dtype: " + ", ".join(TEACHER_DTYPES)
-                               + ". 'auto': bfloat16 for a float32 teacher where the device computes bf16 natively "
-                               "(CUDA with bf16, CPUs with AMX or AVX512-BF16), else as loaded; 'model': as loaded. "
-                               "The teacher is cast in place."})
+                               + ". 'auto': a teacher hf_kd loads (a folder or Hub id) is loaded in bfloat16 where the "
+                               "device computes it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), else as "
+                               "saved; a model object is used as given, never changed. 'model': as given. A dtype "
+                               "('bfloat16', ...) casts a model object in place, with a warning (it stays so)."})
     teacher_placement: str = field(default="auto", metadata={"help": "Several processes: 'auto' (as the "
                                    "accelerator places models: replicated under DDP, sharded under FSDP / ZeRO-3) or "
                                    "'shard' (FSDP2-shard the teacher over all processes whatever the student's "

@@ -11,8 +11,9 @@ from .schedules import peak_value
 from .tasks import CAUSAL_LM, CLASSIFICATION, ENCODER, task_of
 
 
-def load_teacher(path_or_id: str, task: str):
-    """Load a teacher for ``task`` from a local folder or a Hub id, with a clear error if it is not a model."""
+def load_teacher(path_or_id: str, task: str, dtype: torch.dtype | None = None):
+    """Load a teacher for ``task`` from a local folder or a Hub id (in ``dtype``; None: as saved), with a clear
+    error if it is not a model."""
     from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM,
                               AutoModelForSequenceClassification)
     if os.path.isfile(path_or_id):
@@ -27,7 +28,7 @@ def load_teacher(path_or_id: str, task: str):
         from transformers import AutoConfig
         archs = getattr(AutoConfig.from_pretrained(path_or_id), "architectures", None) or []
         auto = AutoModelForImageClassification if any("Image" in a for a in archs) else AutoModelForSequenceClassification
-    return auto.from_pretrained(path_or_id)
+    return auto.from_pretrained(path_or_id, **({} if dtype is None else {"dtype": dtype}))
 
 
 PADDING_ROWS = 512  # most rows a head may add to its tokenizer's tokens as padding (or 1% of them)
@@ -74,8 +75,15 @@ def check_pair(student, teacher, task: str, args) -> None:
             raise ValueError("a regression head (num_labels=1) has no distribution to match: use kd_loss='mse'")
 
 
+NATIVE_BF16_ENV = "HF_KD_NATIVE_BF16"  # '1' / '0': take the hardware check as given (tests, and to force a choice)
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 matmuls natively (CUDA with bf16; CPUs with AMX or AVX512-BF16)."""
+    """Whether ``device`` computes bfloat16 matmuls natively (CUDA with bf16; CPUs with AMX or AVX512-BF16); the
+    environment variable HF_KD_NATIVE_BF16=1 / 0 overrides the check (what 'auto' would choose on another machine)."""
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -84,22 +92,32 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def teacher_dtype(choice: str, teacher, device: torch.device) -> torch.dtype | None:
-    """The dtype to cast the teacher to for DistillationConfig.teacher_dtype ``choice``, or None (keep it).
+def load_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The dtype to load a teacher in for DistillationConfig.teacher_dtype ``choice`` (None: as saved).
 
-    'auto' = bfloat16 for a float32 teacher on hardware with native bf16. Evidence (SmolLM2-135M on a 2-core Xeon
+    'auto' = bfloat16 where ``device`` computes it natively, else as saved. Evidence (SmolLM2-135M on a 2-core Xeon
     with AMX, docs/performance.md): the teacher's forward is 4.2x faster, its distribution moves by a mean token
     KL of 3.6e-4 at T=2, and a student distilled for 25 steps ends within 0.02% (held-out KL) and 0.08%
     (perplexity) of the float32-teacher student while training 1.5x faster.
     """
-    if choice == "model":
-        return None
-    if choice != "auto":
-        return getattr(torch, choice)
-    param = next(teacher.parameters(), None)
-    if param is not None and param.dtype == torch.float32 and native_bf16(device):
-        return torch.bfloat16
-    return None
+    if choice == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    return None if choice == "model" else getattr(torch, choice)
+
+
+def cast_teacher(teacher, choice: str) -> None:
+    """An explicit ``teacher_dtype`` ('float32', 'bfloat16', 'float16') casts a teacher of another dtype in place,
+    with a warning: the object passed stays in that dtype after training. 'auto' and 'model' never cast a model
+    object (hf_kd leaves the user's teacher as given; 'auto' chooses the dtype only when hf_kd loads the teacher)."""
+    if choice in ("auto", "model"):
+        return
+    dtype = getattr(torch, choice)
+    param = next((p for p in teacher.parameters() if p.is_floating_point()), None)
+    if param is not None and param.dtype != dtype:
+        warnings.warn(f"teacher_dtype={choice!r} casts the teacher object you passed from {param.dtype} to {dtype} "
+                      "in place (it stays so after training); load it in that dtype, or keep teacher_dtype='auto', "
+                      "to leave it unchanged", stacklevel=3)
+        teacher.to(dtype)
 
 
 def load_teachers(teacher_model, student, task: str, args, tokenizer) -> tuple[dict, int | None]:
@@ -117,7 +135,7 @@ def load_teachers(teacher_model, student, task: str, args, tokenizer) -> tuple[d
     kd_vocab = None
     for name, t in teachers.items():
         if isinstance(t, (str, os.PathLike)):
-            teachers[name] = t = load_teacher(str(t), task)
+            teachers[name] = t = load_teacher(str(t), task, load_dtype(args.teacher_dtype, args.device))
         check_pair(student, t, task, args)
         if task != CLASSIFICATION and not args.cross_tokenizer:
             vocab = shared_vocab(student, t, tokenizer)

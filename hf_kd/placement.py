@@ -2,8 +2,8 @@
 
 ``teacher_placement='auto'``: replicated on every process under DDP (``accelerator.prepare_model(teacher,
 evaluation_mode=True)``), ZeRO-3-partitioned under DeepSpeed ZeRO-3, and sharded by :func:`shard_teacher` under
-FSDP (accelerate moves an evaluation-mode model to the device but does not shard it: left to itself, every rank
-would hold a full teacher). ``'shard'`` shards the teacher with FSDP2 (``torch.distributed.fsdp.fully_shard``)
+FSDP with several processes (accelerate moves an evaluation-mode model to the device but does not shard it: left
+to itself, every rank would hold a full teacher); under FSDP on one process it is placed whole. ``'shard'`` shards the teacher with FSDP2 (``torch.distributed.fsdp.fully_shard``)
 over all processes whatever the student's strategy (also a DDP student, also on CPU with gloo): each transformer block is one FSDP unit, so a
 process holds 1/world of the blocks' weights between passes and gathers one block at a time during the teacher's
 forward; the rest (embeddings, final norm, head) is the root unit, gathered for the pass and freed after it
@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from .pairs import teacher_dtype
+from .pairs import cast_teacher
 from .student import find_layers
 from .tasks import base_model_of
 
@@ -64,15 +64,56 @@ def local_fraction(model: nn.Module) -> float:
     return local / max(sum(p.numel() for p in params), 1)
 
 
+def user_state(model: nn.Module) -> tuple:
+    """What hf_kd changes on a teacher while it uses it and gives back after: its mode and parameters' flags."""
+    return model.training, [p.requires_grad for p in model.parameters()]
+
+
+def restore_state(model: nn.Module, state: tuple) -> None:
+    training, flags = state
+    model.train(training)
+    for p, flag in zip(model.parameters(), flags):
+        p.requires_grad_(flag)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Evaluation mode (no dropout) and no gradients: how a teacher runs inside hf_kd."""
+    return model.eval().requires_grad_(False)
+
+
+class TeacherUse:
+    """A re-entrant context for the trainer's train / evaluate / predict: the teachers frozen inside it, and the
+    objects the user passed given back in their own mode and ``requires_grad`` flags when the outermost call ends
+    (also when it raises). Their dtype changes only with an explicit ``teacher_dtype`` (a warning says so)."""
+
+    def __init__(self, teachers: list[nn.Module]):
+        self.teachers = teachers
+        self.states = [user_state(t) for t in teachers]
+        self.depth = 0
+
+    def __enter__(self):
+        if self.depth == 0:
+            for t in self.teachers:
+                freeze(t)
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            for t, state in zip(self.teachers, self.states):
+                restore_state(t, state)
+
+
 def prepare_teacher(teacher: nn.Module, args, accelerator, *, deepspeed: bool, fsdp: bool) -> nn.Module:
-    """Freeze the teacher (evaluation mode, no gradients), cast it to ``args.teacher_dtype`` and place it: FSDP2
-    shards (``teacher_placement`` 'shard' / 'offload', and always under FSDP), a DeepSpeed engine (ZeRO-3
-    partitions it; other stages run it plain), else the accelerator's evaluation-mode placement."""
-    teacher.eval().requires_grad_(False)
-    dtype = teacher_dtype(args.teacher_dtype, teacher, args.device)
-    if dtype is not None:
-        teacher = teacher.to(dtype)
-    if args.teacher_placement != "auto" or fsdp:  # accelerate does not shard an evaluation-mode model under FSDP2
+    """Freeze the teacher, cast it if ``args.teacher_dtype`` names a dtype (:func:`hf_kd.pairs.cast_teacher`) and
+    place it: FSDP2 shards (``teacher_placement`` 'shard' / 'offload', and under FSDP with several processes), a
+    DeepSpeed engine (ZeRO-3 partitions it; other stages run it plain), else the accelerator's evaluation-mode
+    placement (replicated; also FSDP on one process, where there is nothing to shard over)."""
+    freeze(teacher)
+    cast_teacher(teacher, args.teacher_dtype)
+    sharded_fsdp = fsdp and accelerator.num_processes > 1  # accelerate does not shard an evaluation-mode model
+    if args.teacher_placement != "auto" or sharded_fsdp:
         if deepspeed:
             raise ValueError(f"teacher_placement={args.teacher_placement!r} with DeepSpeed: ZeRO-3 shards the "
                              "teacher itself; use teacher_placement='auto'")

@@ -13,7 +13,7 @@ import torch
 
 from .losses import forward_kl
 from .align import position_masks, predicting, targets
-from .tasks import CAUSAL_LM, CLASSIFICATION, ENCODER, MASKED_LM
+from .tasks import CAUSAL_LM, CLASSIFICATION, ENCODER, MASKED_LM, as_model_dtype
 
 
 def _no_cache(model) -> dict:
@@ -43,7 +43,7 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
     ce, correct, count, agree, kl, kd_count = 0.0, 0, 0, 0, 0.0, 0
     for batch in tqdm(batches, desc=desc or "evaluate", leave=False, disable=desc is None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, **_no_cache(model)).logits.float()
+        logits = model(**as_model_dtype(model, inputs), **_no_cache(model)).logits.float()
         labels = batch["labels"]
         logits_p, labels_p = predicting(logits, task), targets(labels, task)
         valid = labels_p != -100
@@ -51,7 +51,8 @@ def evaluate(model, batches: list[dict], task: str, teacher=None, desc: str | No
         correct += (logits_p.argmax(-1)[valid] == labels_p[valid]).sum().item()
         count += valid.sum().item()
         if teacher is not None:
-            t_logits = teacher(**inputs, **_no_cache(teacher)).logits.float()[..., :logits.shape[-1]]
+            t_logits = teacher(**as_model_dtype(teacher, inputs), **_no_cache(teacher)).logits.float()
+            t_logits = t_logits[..., :logits.shape[-1]]
             mask = position_masks(batch, task)["kd"]
             s, t = predicting(logits, task), predicting(t_logits, task)
             agree += (s.argmax(-1)[mask] == t.argmax(-1)[mask]).sum().item()
@@ -73,7 +74,8 @@ def sentence_embeddings(model, batches: list[dict]) -> torch.Tensor:
     """Mean over the attention mask of the last hidden state, L2-normalised (sentence-transformers' pooling)."""
     out = []
     for batch in batches:
-        hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state.float()
+        inputs = as_model_dtype(model, {k: v for k, v in batch.items() if k != "labels"})
+        hidden = model(**inputs).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden)
         out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1))
     return torch.cat(out)
@@ -101,6 +103,7 @@ def evaluate_encoder(model, batches: list[dict], teacher=None) -> dict:
 def latency(model, inputs: dict, repeats: int = 5) -> float:
     """Median seconds of ``repeats`` timed forward passes (after one warm-up)."""
     model.eval()
+    inputs = as_model_dtype(model, inputs)
     model(**inputs, **_no_cache(model))
     times = []
     for _ in range(repeats):

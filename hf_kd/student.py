@@ -31,6 +31,8 @@ from itertools import chain
 import torch
 from torch import nn
 
+from .tasks import as_model_dtype
+
 # Conventional config attribute names for the number of blocks (GPT-2 uses n_layer, DistilBERT
 # n_layers, most others num_hidden_layers). Those whose value equals the block count are updated.
 LAYER_COUNT_ATTRIBUTES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
@@ -120,7 +122,8 @@ def layer_importance(
         model.eval()
         device = next(model.parameters()).device
         for batch in batches:
-            batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            batch = as_model_dtype(model, {key: value.to(device) if torch.is_tensor(value) else value
+                                           for key, value in batch.items()})
             current["mask"] = batch.get("attention_mask")
             model(**batch)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.models.auto import modeling_auto as auto
 
@@ -23,6 +24,22 @@ def base_model_of(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s floating weights (its first floating parameter; None if it has none)."""
+    return next((p.dtype for p in base_model_of(model).parameters() if p.is_floating_point()), None)
+
+
+def as_model_dtype(model: nn.Module, inputs: dict) -> dict:
+    """``inputs`` with every floating tensor (pixel values, input embeddings, any float column) cast to the dtype of
+    ``model``'s weights; ids, masks, labels and non-tensors unchanged. The one place where a batch meets a model's
+    precision: a bfloat16 teacher gets bfloat16 pixels, whatever dtype the collator made."""
+    dtype = weights_dtype(model)
+    if dtype is None:
+        return inputs
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and v.dtype != dtype else v
+            for k, v in inputs.items()}
 
 
 def task_of(model: nn.Module) -> str:

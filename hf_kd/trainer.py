@@ -86,7 +86,9 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if client is not None or (cache_meta is not None and cache_meta["temperature"] != args.temperature):
             self.data_collator = TopkCollator(self.data_collator, client, cache_meta["vocab_size"], args.temperature,
                                               cache_meta["temperature"])  # fetch and/or re-temper the top-k
-        self.teachers = {name: self._prepare_teacher(t) for name, t in teachers.items()}
+        self._teacher_use = placement.TeacherUse(list(teachers.values()))  # the user's objects given back as passed
+        with self._teacher_use:
+            self.teachers = {name: self._prepare_teacher(t) for name, t in teachers.items()}
         self.teacher = self.teachers.get(self.default_teacher)  # the default (first) teacher
         self.curriculum = self._curriculum(args)
         self.on_policy = setup_data_mode(self, args, kwargs.get("data_collator"))  # None unless data_mode=on_policy
@@ -385,6 +387,15 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     def train(self, *train_args, **train_kwargs):
         try:
-            return super().train(*train_args, **train_kwargs)
+            with self._teacher_use:
+                return super().train(*train_args, **train_kwargs)
         finally:  # also when training raises: never leave our signal handlers installed
             self.interrupt.restore()
+
+    def evaluate(self, *args, **kwargs):
+        with self._teacher_use:
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._teacher_use:
+            return super().predict(*args, **kwargs)

@@ -232,7 +232,7 @@ def test_trainer_distils_across_tokenizers_and_leaves_the_teacher_untouched(tmp_
 
     trainer.train()
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items()), "teacher changed"
-    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # frozen while used, given back as passed
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in student_before.items())
     logged = [h for h in trainer.state.log_history if "cross_tokenizer_loss" in h]
     assert len(logged) == 3 and all(h["cross_tokenizer_loss"] > 0 and math.isfinite(h["loss"]) for h in logged)

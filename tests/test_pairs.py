@@ -1,4 +1,5 @@
-"""hf_kd.pairs: the teacher dtype choice ('auto' = bf16 on native-bf16 hardware), and the trainer applying it."""
+"""hf_kd.pairs: the teacher dtype choice ('auto' loads in bf16 on native-bf16 hardware and never casts a model
+object; an explicit dtype casts), and the trainer applying it."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student
 from hf_kd import pairs
-from hf_kd.pairs import teacher_dtype
+from hf_kd.pairs import cast_teacher, load_dtype
 
 from .test_trainer import CAUSAL, padded_rows
 
@@ -15,13 +16,22 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_is_bf16_only_for_a_float32_teacher_on_native_bf16(monkeypatch, native):
+def test_auto_loads_in_bf16_only_on_native_bf16_and_never_casts_an_object(monkeypatch, native):
     monkeypatch.setattr(pairs, "native_bf16", lambda device: native)
-    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).bfloat16()
-    assert teacher_dtype("auto", fp32, CPU) == (torch.bfloat16 if native else None)
-    assert teacher_dtype("auto", bf16, CPU) is None  # already low precision: left as loaded
-    assert teacher_dtype("model", fp32, CPU) is None
-    assert teacher_dtype("float16", fp32, CPU) == torch.float16
+    assert load_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert load_dtype("model", CPU) is None
+    assert load_dtype("float16", CPU) == torch.float16
+    fp32 = torch.nn.Linear(2, 2)
+    for choice in ("auto", "model"):
+        cast_teacher(fp32, choice)
+        assert fp32.weight.dtype == torch.float32
+
+
+def test_the_environment_variable_forces_the_hardware_check(monkeypatch):
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(pairs.NATIVE_BF16_ENV, value)
+        assert pairs.native_bf16(CPU) is expected
+        assert pairs.native_bf16(torch.device("meta")) is expected
 
 
 @pytest.mark.parametrize("amx,avx512_bf16", [(False, False), (True, False), (False, True), (True, True)])
@@ -54,13 +64,14 @@ def test_native_bf16_is_false_for_other_devices(monkeypatch):
     assert pairs.native_bf16(torch.device("meta")) is False
 
 
-def test_trainer_casts_the_teacher_and_trains(monkeypatch, tmp_path):
-    monkeypatch.setattr(pairs, "native_bf16", lambda device: True)
+def test_an_explicit_teacher_dtype_casts_the_teacher_and_trains(tmp_path):
     teacher = CAUSAL["llama"]()
     args = DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2, logging_steps=1,
-                              per_device_train_batch_size=4, save_strategy="no", hidden_weight=1.0)
-    trainer = DistillationTrainer(model=make_student(teacher, num_layers=2), teacher_model=teacher, args=args,
-                                  train_dataset=padded_rows())
+                              per_device_train_batch_size=4, save_strategy="no", hidden_weight=1.0,
+                              teacher_dtype="bfloat16")
+    with pytest.warns(UserWarning, match="in place"):
+        trainer = DistillationTrainer(model=make_student(teacher, num_layers=2), teacher_model=teacher, args=args,
+                                      train_dataset=padded_rows())
     assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # the student is not touched
     trainer.train()

@@ -65,13 +65,14 @@ def config(tmp_path, **kw):
 
 def run(teacher, student, tmp_path, tok, mlm, **kw):
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher_mode = teacher.training, [p.requires_grad for p in teacher.parameters()]
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config(tmp_path, **kw),
                                   train_dataset=text_dataset(tok), processing_class=tok,
                                   data_collator=DataCollatorForLanguageModeling(tok, mlm=mlm, mlm_probability=0.3))
     trainer.train()
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items()), "teacher changed"
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert (teacher.training, [p.requires_grad for p in teacher.parameters()]) == teacher_mode  # given back as passed
     changed = [k for k, v in student_before.items() if not torch.equal(v, student.state_dict()[k])]
     assert changed, "student did not change"
     logs = [h for h in trainer.state.log_history if "loss" in h]
