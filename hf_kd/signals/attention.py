@@ -22,7 +22,7 @@ import torch
 from ..capture import Needs
 from ..losses import attention_probs_loss, attention_transfer
 from .base import Context, Signal
-from .hints import as_map
+from .hints import as_map, probe_pairs
 
 
 class AttentionTransfer(Signal):
@@ -39,6 +39,9 @@ class AttentionTransfer(Signal):
 
     def needs(self, side: str) -> Needs:
         return Needs(modules={t if side == "teacher" else s for t, s in self.pairs})
+
+    def check(self, teacher, student) -> None:
+        probe_pairs(teacher, student, self.pairs, "at_layers", maps=True)
 
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         total = 0.0

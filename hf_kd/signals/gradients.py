@@ -123,7 +123,7 @@ class FeatureGradient(Signal):
 
     def check(self, teacher, student) -> None:
         if not len(self.adapters):
-            self.adapters.extend(module_adapters(teacher, student, self.pairs))
+            self.adapters.extend(module_adapters(teacher, student, self.pairs, field="feature_grad_layers"))
 
     def loss_sum(self, ctx: Context) -> torch.Tensor:
         mask, total = ctx.masks["hidden"], 0.0

@@ -20,7 +20,8 @@ import math
 import torch
 from torch import nn
 
-from ..capture import Needs, probe_shapes
+from ..capture import Needs, find_module, probe_shapes
+from ..tasks import base_model_of
 from ..losses import hint_loss, match_spatial
 from .base import Context, Signal
 
@@ -36,16 +37,45 @@ def as_map(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, d, side, side)
 
 
-def module_adapters(teacher, student, pairs, force: bool = False) -> list[nn.Module]:
-    """One adapter per (teacher module, student module) pair, sized by a shape probe of both models; both outputs
-    must be token states [B, T, D] or feature maps [B, C, H, W]."""
-    t_shapes = probe_shapes(teacher, {t for t, _ in pairs})
-    s_shapes = probe_shapes(student, {s for _, s in pairs})
-    for t, s in pairs:
-        for shape, who, mod in ((t_shapes[t], "teacher", t), (s_shapes[s], "student", s)):
+def on_grid(tokens: int) -> bool:
+    """Whether ``tokens`` patch tokens (a class token first or not) lie on a square grid (:func:`as_map`)."""
+    return math.isqrt(tokens) ** 2 == tokens or math.isqrt(tokens - 1) ** 2 == tokens - 1
+
+
+def probe_pairs(teacher, student, pairs, field: str, maps: bool = False) -> tuple[dict, dict]:
+    """Check module ``pairs`` at construction with a shape probe of both models: every module exists and outputs
+    token states [B, T, D] or feature maps [B, C, H, W] (token states on a square patch grid where they meet a map,
+    or always with ``maps``). Errors name ``field``, the module and what to change. Returns (teacher shapes,
+    student shapes)."""
+    shapes = {}
+    for who, model, names in (("teacher", teacher, {t for t, _ in pairs}), ("student", student, {s for _, s in pairs})):
+        for name in names:
+            try:
+                find_module(model, name)
+            except ValueError as e:
+                raise ValueError(f"{field}: {who} module {name!r} not found: {e}") from None
+        shapes[who] = probe_shapes(model, names)
+        for name, shape in shapes[who].items():
             if len(shape) not in (3, 4):
-                raise ValueError(f"{who} module {mod!r} outputs shape {shape}; expected token states [B, T, D] or "
-                                 "feature maps [B, C, H, W]")
+                raise ValueError(f"{field}: {who} module {name!r} outputs shape {shape}, not token states [B, T, D] "
+                                 "or feature maps [B, C, H, W]: pair a module inside the body (an encoder stage or "
+                                 "block), not a head or a pooler")
+    images = {who: getattr(base_model_of(m), "main_input_name", "") == "pixel_values"
+              for who, m in (("teacher", teacher), ("student", student))}
+    for t, s in pairs:
+        t_shape, s_shape = shapes["teacher"][t], shapes["student"][s]
+        for who, name, shape in (("teacher", t, t_shape), ("student", s, s_shape)):
+            as_image = maps or 4 in (len(t_shape), len(s_shape))
+            if len(shape) == 3 and as_image and not (images[who] and on_grid(shape[1])):
+                raise ValueError(f"{field}: {who} module {name!r} outputs {shape[1]} tokens, not patch tokens on a "
+                                 "square grid (an image model's), so they cannot be compared as a feature map: pair "
+                                 "modules that output feature maps or a vision transformer's patch tokens")
+    return shapes["teacher"], shapes["student"]
+
+
+def module_adapters(teacher, student, pairs, force: bool = False, field: str = "hint_layers") -> list[nn.Module]:
+    """One adapter per (teacher module, student module) pair, sized by :func:`probe_pairs`."""
+    t_shapes, s_shapes = probe_pairs(teacher, student, pairs, field)
     return [adapter_for(s_shapes[s], t_shapes[t], force) for t, s in pairs]
 
 
