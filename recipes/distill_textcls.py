@@ -24,7 +24,7 @@ from hf_kd import DistillationTrainer, make_student
 from hf_kd.assets import minilm_path
 from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
 from hf_kd.report import evaluate
-from hf_kd_recipes.job_args import JobArguments, parse
+from hf_kd_recipes.job_args import ClassifierJobArguments, parse
 from hf_kd_recipes.textcls_data import freeze_word_embeddings, labelled_rows, new_classifier, prepare_teacher, splits
 
 TASK = "classification"
@@ -40,7 +40,7 @@ QUICK = dict(output_dir="outputs/textcls_quick", max_steps=4, per_device_train_b
 
 
 @dataclasses.dataclass
-class TextClsJob(JobArguments):
+class TextClsJob(ClassifierJobArguments):
     max_length: int = dataclasses.field(default=64, metadata={"help": "Tokens per post (truncated)."})
     labels_per_class: int = dataclasses.field(default=0, metadata={"help": "Labelled training posts per class "
                                               "(0 = all); the other training posts are distilled unlabelled (a "
@@ -75,6 +75,7 @@ def eval_subset(data, n: int):
 def run(job: TextClsJob, args) -> dict:
     if job.eval_split not in ("test", "validation") or job.student_init not in ("teacher", "pretrained"):
         raise ValueError("--eval_split must be 'test' or 'validation'; --student_init 'teacher' or 'pretrained'")
+    score = job.metric_scorer(TASK)  # --metric: added to each row below (loaded now: a wrong name fails here)
     load = [os.getloadavg()]
     # 1. Teacher (fine-tuned once, then read from the cache) and data
     with args.main_process_first(desc="fine-tune the MiniLM teacher"):
@@ -115,21 +116,25 @@ def run(job: TextClsJob, args) -> dict:
     if push and job.dry_run:
         args = dataclasses.replace(args, push_to_hub=False)
     student = new_student()
-    metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher")}
+    metrics = {"teacher": score(evaluate(teacher, eval_batches, TASK, desc="eval teacher"), teacher, eval_batches)}
     if job.eval_before:
         metrics["student_before"] = evaluate(student, eval_batches, TASK, desc="eval student before")
+        score(metrics["student_before"], student, eval_batches)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=distil_set,
                                   processing_class=tok)
     seconds = {"distillation": train(trainer)}
     load.append(os.getloadavg())
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
+    score(metrics["student_after"], student, eval_batches)
     histories = {"distillation": trainer.state.log_history}
 
     # 4. Baseline: the same initial student, the same steps and seed, the task loss alone on the labelled posts
     if job.baseline:
+        baseline = new_student()
         metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            args, new_student(), teacher=teacher, train_dataset=labelled, eval_batches=eval_batches, task=TASK,
+            args, baseline, teacher=teacher, train_dataset=labelled, eval_batches=eval_batches, task=TASK,
             processing_class=tok)
+        score(metrics["baseline_no_teacher"], baseline, eval_batches)
         load.append(os.getloadavg())
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card

@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from hf_kd import DistillationConfig
+from hf_kd.metrics import load_metric, metric_on_batches
 
 
 @dataclasses.dataclass
@@ -31,6 +32,41 @@ class JobArguments:
                                                "after a successful run (they are removed by default)."})
     dry_run: bool = dataclasses.field(default=False, metadata={"help": "With --push_to_hub: write "
                                       "push_dry_run.json listing what would be pushed instead of pushing."})
+
+
+@dataclasses.dataclass
+class ClassifierJobArguments(JobArguments):
+    """Fields of the classification jobs: an extra ``evaluate`` metric in the report."""
+
+    metric: str = dataclasses.field(default="", metadata={"help": "An evaluate metric added to every row of the "
+                                    "report, on the same held-out predictions as accuracy: 'f1', 'precision', "
+                                    "'recall', 'accuracy' ship with hf_kd (offline); other names load from the Hub; "
+                                    "or a path to a metric folder. '' = none."})
+    metric_args: str = dataclasses.field(default="", metadata={"help": "Arguments of the metric's compute, "
+                                         "'key=value,...' (e.g. 'average=weighted'); f1/precision/recall average "
+                                         "'macro' over more than two classes unless told."})
+
+    def metric_kwargs(self) -> dict:
+        """``metric_args`` as a dict, each value read as YAML ('macro' -> str, '1' -> int, 'null' -> None)."""
+        pairs = [a.split("=", 1) for a in self.metric_args.split(",") if a.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--metric_args wants 'key=value,...', got {self.metric_args!r}")
+        return {k.strip(): yaml.safe_load(v) for k, v in pairs}
+
+    def metric_scorer(self, task: str):
+        """``score(row, model, batches)``: adds the metric's values of ``model`` on ``batches`` to the report row
+        ``row`` (a name the row already has, like 'accuracy', becomes 'evaluate_<name>'); does nothing without
+        --metric. The metric is loaded now, so a wrong name fails before any training."""
+        if not self.metric:
+            return lambda row, model, batches: row
+        metric, kwargs = load_metric(self.metric), self.metric_kwargs()
+
+        def score(row: dict, model, batches: list[dict]) -> dict:
+            for key, value in metric_on_batches(model, batches, metric, task, **kwargs).items():
+                row[f"evaluate_{key}" if key in row else key] = value
+            return row
+
+        return score
 
 
 def _as_args(values: dict) -> list[str]:
