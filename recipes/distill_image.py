@@ -23,7 +23,7 @@ from hf_kd.experiment import save_and_report, torch_threads, train, train_baseli
 from hf_kd.report import evaluate
 from hf_kd_recipes.image_modes import prepare_teacher_route, run_staged, teachers
 from hf_kd_recipes.image_teacher import LABELS, make_processor, prepare_teacher, splits
-from hf_kd_recipes.job_args import JobArguments, parse
+from hf_kd_recipes.job_args import ClassifierJobArguments, parse
 
 TASK = "classification"
 
@@ -38,7 +38,7 @@ QUICK = dict(output_dir="outputs/image_quick", max_steps=10, logging_steps=5, wa
 
 
 @dataclasses.dataclass
-class ImageJob(JobArguments):
+class ImageJob(ClassifierJobArguments):
     student: str = dataclasses.field(default="vit", metadata={"help": "'vit' (a narrower, shallower ViT, hidden "
                                      "cosine through a projection + logits KD) or 'resnet' (a small CNN, logits KD)."})
     student_hidden: int = dataclasses.field(default=32, metadata={"help": "vit student width (resnet: last stage)."})
@@ -105,6 +105,9 @@ def describe(model) -> str:
 def run(job: ImageJob, args) -> dict:
     if job.eval_split not in ("test", "validation"):
         raise ValueError(f"--eval_split must be 'test' or 'validation', not {job.eval_split!r}")
+    if job.metric and job.mode != "distill":
+        raise ValueError(f"--metric is reported by --mode distill only, not {job.mode!r}")
+    score = job.metric_scorer(TASK)  # --metric: added to each row below (loaded now: a wrong name fails here)
     # 1. Data and teacher (trained once, then read from the cache)
     data = splits(make_processor())
     with args.main_process_first(desc="train the ViT teacher"):  # once, then every process reads the cache
@@ -141,15 +144,20 @@ def run(job: ImageJob, args) -> dict:
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
     trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args,
                                   train_dataset=train_digits, processing_class=processor)
+    score(metrics["teacher"], teacher, eval_batches)
+    score(metrics["student_before"], student, eval_batches)
     seconds = {"distillation": train(trainer)}
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
+    score(metrics["student_after"], student, eval_batches)
     histories = {"distillation": trainer.state.log_history}
 
     # 4. Baseline: the same initial student, the same steps and data, the task loss alone
     if job.baseline:
+        baseline = new_student()
         metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            args, new_student(), teacher=teacher, train_dataset=train_digits, eval_batches=eval_batches, task=TASK,
+            args, baseline, teacher=teacher, train_dataset=train_digits, eval_batches=eval_batches, task=TASK,
             processing_class=processor)
+        score(metrics["baseline_no_teacher"], baseline, eval_batches)
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
     t = teacher.config

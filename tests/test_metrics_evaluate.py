@@ -132,3 +132,18 @@ def test_textcls_job_reports_the_metric(tmp_path):
         assert 0 <= saved["metrics"][row]["accuracy"] <= 1, row  # the job's own accuracy is still there
     header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| model |"))
     assert " f1 " in header
+
+
+@pytest.mark.skipif(not assets.available()["mnist"], reason="needs the packaged MNIST digits")
+def test_image_job_metric_agrees_with_its_accuracy(tmp_path):
+    """--metric accuracy on the image job: the same held-out predictions give the job's own accuracy (the metric's
+    value goes under evaluate_accuracy, beside it); --metric_args reach compute."""
+    from hf_kd_recipes import distill_image
+    common = ["--quick", "--student", "resnet", "--max_steps", "1", "--eval_images", "100"]
+    report = distill_image.main([*common, "--output_dir", str(tmp_path / "acc"), "--metric", "accuracy"])
+    for name, row in report["metrics"].items():
+        assert row["evaluate_accuracy"] == pytest.approx(row["accuracy"]), name
+    with pytest.raises(ValueError, match="not shipped with hf_kd"):
+        distill_image.main([*common, "--output_dir", str(tmp_path / "x"), "--metric", "no_such_metric_xyz"])
+    with pytest.raises(ValueError, match="metric_args"):
+        distill_image.main([*common, "--output_dir", str(tmp_path / "y"), "--metric", "f1", "--metric_args", "macro"])
