@@ -48,6 +48,19 @@ def test_shard_needs_several_processes(tmp_path):
                             args=tiny.args(tmp_path, teacher_placement="shard"))
 
 
+def test_fsdp_on_one_process_places_the_teacher_whole(tmp_path):
+    """Under FSDP with one process there is nothing to shard over: 'auto' places the teacher whole (it used to call
+    shard_teacher, which refuses one process, so the shipped FSDP2 config failed on one GPU)."""
+    from accelerate import Accelerator
+    from hf_kd.placement import local_fraction, prepare_teacher
+    teacher, _ = tiny.pair()
+    args = tiny.args(tmp_path)  # before the Accelerator: TrainingArguments resets the accelerate state
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 1
+    placed = prepare_teacher(teacher, args, accelerator, deepspeed=False, fsdp=True)
+    assert local_fraction(placed) == 1.0 and not placed.training
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "recipes", "accelerate"))))
 def test_shipped_accelerate_configs_load(name):
     path = os.path.join(ROOT, "recipes", "accelerate", name)
