@@ -7,7 +7,7 @@ docs/**/*.md runs.
   folder) builds a tiny random model of the same kind (Llama for causal LMs, BERT for masked LMs and text
   classifiers, ViT for images; seeded by the id, so teacher and tokenizer of one id match), `AutoTokenizer` gives a
   tiny word-level tokenizer, `datasets.load_dataset` a few dozen generated sentences, and every
-  `DistillationConfig` is capped at 2 steps of at most 4 rows, with no reporting.
+  `DistillationConfig` is capped at 2 steps of at most 4 rows, with no reporting and no checkpoints.
 - ```bash blocks run with `bash -e` from the repository root, unless an HTML comment `<!-- not-run: reason -->`
   stands right before the block (long jobs, launches, GPU commands), or the block is in a generated page listed in
   GENERATED below. A not-run marker without a reason fails.
@@ -168,12 +168,14 @@ def tiny_world(monkeypatch, tmp_path):
     def small(self):
         self.max_steps = min(self.max_steps, 2) if self.max_steps > 0 else 2
         self.per_device_train_batch_size = min(self.per_device_train_batch_size, 4)
-        self.report_to, self.disable_tqdm, self.use_cpu = "none", True, True
+        self.report_to, self.disable_tqdm, self.use_cpu, self.save_strategy = "none", True, True, "no"
         post_init(self)
     monkeypatch.setattr(hf_kd.config.DistillationConfig, "__post_init__", small)
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(2)
-    return tmp_path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 PY_PAGES = sorted({page for page, i, lang, *_ in ALL if lang == "python"})
