@@ -4,8 +4,8 @@ docs/**/*.md runs.
 - ```python blocks run in order, page by page, in one namespace per page (a page's later blocks continue its earlier
   ones), in a temporary working folder. They run as written except for what `tiny_world` substitutes, so the file
   stays fast on 2 CPU cores: `from_pretrained` of the Auto classes with a Hub id (anything that is not an existing
-  folder) builds a tiny random model of the same kind (Llama for causal LMs, BERT for masked LMs and text
-  classifiers, ViT for images; seeded by the id, so teacher and tokenizer of one id match), `AutoTokenizer` gives a
+  folder) builds a tiny random model of the same kind (Llama for causal LMs, BERT for encoders, masked LMs and
+  text classifiers, ViT for images; seeded by the id, so teacher and tokenizer of one id match), `AutoTokenizer` gives a
   tiny word-level tokenizer, `datasets.load_dataset` a few dozen generated sentences, and every
   `DistillationConfig` is capped at 2 steps of at most 4 rows, with no reporting and no checkpoints.
 - ```bash blocks run with `bash -e` from the repository root, unless an HTML comment `<!-- not-run: reason -->`
@@ -131,7 +131,7 @@ def tiny_model(kind: str, name: str, **kw):
         return tf.ViTForImageClassification(cfg)
     cfg = tf.BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                         num_attention_heads=2, max_position_embeddings=128, num_labels=kw.get("num_labels", 2))
-    return (tf.BertForMaskedLM if kind == "masked_lm" else tf.BertForSequenceClassification)(cfg)
+    return {"masked_lm": tf.BertForMaskedLM, "encoder": tf.BertModel}.get(kind, tf.BertForSequenceClassification)(cfg)
 
 
 @pytest.fixture
@@ -151,6 +151,7 @@ def tiny_world(monkeypatch, tmp_path):
         monkeypatch.setattr(auto, "from_pretrained", classmethod(from_pretrained))
     patched(tf.AutoModelForCausalLM, "causal_lm")
     patched(tf.AutoModelForMaskedLM, "masked_lm")
+    patched(tf.AutoModel, "encoder")
     patched(tf.AutoModelForSequenceClassification, "classifier")
     patched(tf.AutoModelForImageClassification, "image")
     original_tok = tf.AutoTokenizer.from_pretrained.__func__
