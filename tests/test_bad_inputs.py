@@ -158,6 +158,17 @@ def test_attention_transfer_on_tokens_off_a_patch_grid_is_refused(tmp_path):
         trainer(teacher, student, tmp_path, hidden_weight=0.0, at_weight=1.0, at_layers="model.layers.1:model.layers.0")
 
 
+def test_no_signal_with_a_weight_is_refused(tmp_path):
+    """By the config when it is built, and by the trainer for a config changed after (attributes are mutable)."""
+    with pytest.raises(ValueError, match="all 0: nothing to train"):
+        args(tmp_path, alpha_task=0.0, kd_weight=0.0, hidden_weight=0.0)
+    changed = args(tmp_path)
+    changed.alpha_task = changed.kd_weight = changed.hidden_weight = 0.0
+    teacher, student = pair()
+    with pytest.raises(ValueError, match="no signal has a weight > 0"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=changed, train_dataset=rows())
+
+
 def test_width_mismatch_without_projection_is_refused(tmp_path):
     with pytest.raises(ValueError, match="use_projection=True or hidden_weight=0"):
         trainer(tmp_path=tmp_path, use_projection=False)

@@ -70,11 +70,11 @@ def test_checkpoints_are_used_in_turn_and_after_a_resume(tmp_path):
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     folders, _ = checkpoints(tmp_path, n=1)
-    other = llama(hidden=48, layers=2)
+    other = llama(layers=2, seed=1)  # same widths, fewer layers: loads without a size error, keys are missing
     other.save_pretrained(tmp_path / "other")
     teacher = llama(seed=1)
     route = f"{tmp_path / 'other'},{folders[0]}"
     trainer = DistillationTrainer(model=make_student(teacher, num_layers=2), teacher_model=teacher,
                                   train_dataset=rows(), args=args(tmp_path / "r", max_steps=2, teacher_checkpoints=route))
-    with pytest.raises((ValueError, RuntimeError), match="does not fit|size mismatch"):
+    with pytest.raises(ValueError, match=r"does not fit the model: missing \['model\.layers\.2\."):
         trainer.train()

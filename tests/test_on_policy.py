@@ -327,8 +327,12 @@ def test_sequence_level_trainer_trains_on_the_teachers_text(tmp_path):
     assert len(calls) == 2  # 8 prompts in batches of 4, before training
     seen = _record_batches(trainer)
     trainer.train()
-    made = {tuple(r["input_ids"]) for r in trainer.train_dataset}
-    for batch in seen:
-        for r in range(batch["input_ids"].shape[0]):
-            assert tuple(batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()) in made
+    # what teacher.generate returned, read from its own outputs (not from the dataset the trainer built)
+    generated = {tuple(t for t in out[r, ids.shape[1]:].tolist() if t != tok.pad_token_id)
+                 for ids, out in calls for r in range(out.shape[0])}
+    own = {tuple(t for t, label in zip(r["input_ids"], r["labels"]) if label != -100)  # the dataset's completions
+           for r in tokenize_prompts(pairs(8), tok)}
+    trained = [tuple(b["input_ids"][r][b["labels"][r] != -100].tolist()) for b in seen for r in range(len(b["labels"]))]
+    assert len(trained) == 8 and all(c in generated for c in trained), "a trained completion is not the teacher's text"
+    assert not own & set(trained)
     assert len(list((tmp_path / "generations").iterdir())) == 1  # one cache entry

@@ -26,10 +26,14 @@ def test_exit_value_is_the_formula(tmp_path):
     loss = trainer.compute_loss(model, {"pixel_values": x, "labels": y})
     out = model(pixel_values=x, output_hidden_states=True)
     exit_logits = sig.heads[0](out.hidden_states[1].mean(1))
-    p, log_q = F.softmax(out.logits / 3.0, -1), F.log_softmax(exit_logits / 3.0, -1)
+    p, log_q = F.softmax(out.logits.detach() / 3.0, -1), F.log_softmax(exit_logits / 3.0, -1)  # a detached target
     expected = (9.0 * (p * (p.log() - log_q)).sum() + F.cross_entropy(exit_logits, y, reduction="sum")
                 + F.cross_entropy(out.logits, y, reduction="sum")) / 4  # the exit's terms + the model's own task loss
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    # the gradients too: the final head learns from its labels only, never toward its own exits
+    params = [model.classifier.weight, sig.heads[0][1].weight]
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("make,exits", [(vit, [1]), (resnet, [1])])
