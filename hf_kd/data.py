@@ -1,4 +1,5 @@
-"""Dataset helpers: tokenise-and-pack text for causal LMs, tokenise for masked LMs, image transforms."""
+"""Dataset helpers: tokenise-and-pack text for causal LMs, tokenise for masked LMs, image transforms, transfer sets
+with a fixed labelled share."""
 
 from __future__ import annotations
 
@@ -59,12 +60,52 @@ def processor_wants_rgb(processor) -> bool:
     return mean is None or len(mean) == 3
 
 
-def with_transfer_set(labelled: Dataset, unlabelled: Dataset, label_column: str = "labels") -> Dataset:
+def share_rows(n_labelled: int, n_unlabelled: int, labelled_share: float) -> torch.Tensor:
+    """Row indices into ``[labelled rows 0..n_labelled-1, unlabelled rows n_labelled..]`` in which the labelled
+    rows are ``labelled_share`` of all rows (to the nearest row), each row appearing at least once.
+
+    When the labelled rows are rarer than the share asks, they are repeated (each ``floor`` or ``ceil`` of the same
+    factor, spread evenly) and every unlabelled row appears once; when they are more common, the unlabelled rows
+    are repeated instead. Under the Trainer's shuffling (a uniform random permutation of the rows, drawn without
+    replacement) every batch then holds on average ``labelled_share * batch_size`` labelled rows (exact in
+    expectation, and exact over each epoch); a batch's count varies around it with at most the binomial spread
+    ``sqrt(batch_size * share * (1 - share))``. (A fixed count in every batch would need a sampler inside the
+    Trainer; this order needs nothing but the dataset.)
+    """
+    check_share(labelled_share)
+    if n_labelled < 1 or n_unlabelled < 1:
+        raise ValueError(f"labelled_share needs labelled and unlabelled rows (got {n_labelled} labelled, "
+                         f"{n_unlabelled} unlabelled)")
+    if labelled_share * (n_labelled + n_unlabelled) >= n_labelled:  # repeat the labelled rows
+        n_l, n_u = max(n_labelled, round(labelled_share * n_unlabelled / (1 - labelled_share))), n_unlabelled
+    else:  # repeat the unlabelled rows
+        n_l, n_u = n_labelled, max(n_unlabelled, round(n_labelled * (1 - labelled_share) / labelled_share))
+    spread = lambda n, k: torch.arange(n) * k // n  # noqa: E731  n indices covering 0..k-1 evenly (n >= k)
+    return torch.cat([spread(n_l, n_labelled), n_labelled + spread(n_u, n_unlabelled)])
+
+
+def check_share(labelled_share) -> None:
+    """Refuse a labelled share that is not a number strictly between 0 and 1."""
+    ok = isinstance(labelled_share, (int, float)) and not isinstance(labelled_share, bool)
+    if not ok or not 0 < labelled_share < 1:
+        raise ValueError(f"labelled_share must be a number strictly between 0 and 1 (the share of labelled rows in "
+                         f"a batch, e.g. 0.5), not {labelled_share!r}; pass None to keep every row once")
+
+
+def with_transfer_set(labelled: Dataset, unlabelled: Dataset, label_column: str = "labels",
+                      labelled_share: float | None = None) -> Dataset:
     """A labelled dataset plus an unlabelled one (a transfer set, Hinton et al. 2015) as one dataset whose
     unlabelled rows carry label -100: the task loss skips them, distillation (``kd_positions='all'``, the default
     for classifiers) counts every row. Columns must otherwise match; the unlabelled set may lack the label column
-    (a scalar label per row: classifiers; token-level labels need the caller's own -100 rows)."""
+    (a scalar label per row: classifiers; token-level labels need the caller's own -100 rows).
+
+    ``labelled_share`` (e.g. 0.5) repeats rows (:func:`share_rows`) so that labelled rows are that share of the
+    dataset, hence on average of every shuffled batch: a few labelled examples in a large transfer set otherwise
+    land one or two per batch, and the task loss, averaged over them, is very noisy. ``None``: every row once.
+    """
     from datasets import concatenate_datasets
+    if labelled_share is not None:
+        check_share(labelled_share)
     if label_column not in labelled.column_names:
         raise ValueError(f"the labelled dataset has no {label_column!r} column (columns: {labelled.column_names})")
     if label_column in unlabelled.column_names:
@@ -74,4 +115,7 @@ def with_transfer_set(labelled: Dataset, unlabelled: Dataset, label_column: str 
         raise ValueError(f"the unlabelled dataset lacks columns {sorted(missing)} of the labelled one")
     unlabelled = unlabelled.select_columns([c for c in labelled.column_names if c != label_column])
     unlabelled = unlabelled.add_column(label_column, [-100] * len(unlabelled))
-    return concatenate_datasets([labelled, unlabelled.cast(labelled.features)])
+    both = concatenate_datasets([labelled, unlabelled.cast(labelled.features)])
+    if labelled_share is None:
+        return both
+    return both.select(share_rows(len(labelled), len(unlabelled), labelled_share).tolist())
