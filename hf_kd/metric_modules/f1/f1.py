@@ -1,6 +1,6 @@
-"""F1, as an ``evaluate`` metric module shipped with hf_kd (loads offline; same name and arguments as the
-Hub's ``f1``): the harmonic mean of precision and recall,
-2TP / (2TP + FP + FN); the counting is :func:`hf_kd.metric_modules.classification_score`."""
+"""F1, as an ``evaluate`` metric module shipped with hf_kd (loads offline; the Hub's ``f1`` name and arguments):
+2TP / (2TP + FP + FN), the harmonic mean of precision and recall; counted by
+:func:`hf_kd.metric_modules.classification_score`."""
 
 import datasets
 import evaluate

@@ -1,6 +1,6 @@
-"""Precision, as an ``evaluate`` metric module shipped with hf_kd (loads offline; same name and arguments as the
-Hub's ``precision``): the share of predictions of a class that
-are right, TP / (TP + FP); the counting is :func:`hf_kd.metric_modules.classification_score`."""
+"""Precision, as an ``evaluate`` metric module shipped with hf_kd (loads offline; the Hub's ``precision`` name
+and arguments): TP / (TP + FP), the share of a class's predictions that are right; counted by
+:func:`hf_kd.metric_modules.classification_score`."""
 
 import datasets
 import evaluate

@@ -1,6 +1,6 @@
-"""Recall, as an ``evaluate`` metric module shipped with hf_kd (loads offline; same name and arguments as the
-Hub's ``recall``): the share of examples of a class that are
-found, TP / (TP + FN); the counting is :func:`hf_kd.metric_modules.classification_score`."""
+"""Recall, as an ``evaluate`` metric module shipped with hf_kd (loads offline; the Hub's ``recall`` name and
+arguments): TP / (TP + FN), the share of a class's examples that are found; counted by
+:func:`hf_kd.metric_modules.classification_score`."""
 
 import datasets
 import evaluate
