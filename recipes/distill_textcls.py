@@ -22,6 +22,7 @@ import torch
 
 from hf_kd import DistillationTrainer, make_student
 from hf_kd.assets import minilm_path
+from hf_kd.data import share_rows
 from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
 from hf_kd.report import evaluate
 from hf_kd_recipes.job_args import ClassifierJobArguments, parse
@@ -55,9 +56,9 @@ class TextClsJob(ClassifierJobArguments):
                                                 "embeddings (half its parameters; about halves a step's time)."})
     train_examples: int = dataclasses.field(default=0, metadata={"help": "Cap on training posts (0 = all)."})
     labelled_share: float = dataclasses.field(default=0.5, metadata={"help": "With labels_per_class: the labelled "
-                                              "posts are repeated in the distillation data until they are about this "
-                                              "share of it (so KD batches carry as much label signal as the baseline's; "
-                                              "0 = each once)."})
+                                              "posts (or, if more common, the unlabelled ones) are repeated until they "
+                                              "are this share of the distillation data, hence on average of every "
+                                              "batch (hf_kd.data.share_rows; 0 = each post once)."})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or 'validation' "
                                         "(for choosing settings)."})
     eval_examples: int = dataclasses.field(default=0, metadata={"help": "Evaluated posts, the first of the split "
@@ -91,9 +92,9 @@ def run(job: TextClsJob, args) -> dict:
         unlabelled = torch.ones(len(pool), dtype=torch.bool)
         unlabelled[keep] = False
         distil_set.labels[unlabelled] = -100
-        if job.labelled_share > 0:  # repeat the labelled rows: r*L / (r*L + U) ~ labelled_share
-            r = max(1, round(job.labelled_share * unlabelled.sum().item() / ((1 - job.labelled_share) * len(keep))))
-            distil_set = distil_set.subset(torch.cat([torch.nonzero(unlabelled).flatten(), keep.repeat(r)]))
+        if job.labelled_share > 0:  # labelled posts repeated to labelled_share of the rows (hf_kd.data.share_rows)
+            order = torch.cat([keep, torch.nonzero(unlabelled).flatten()])
+            distil_set = distil_set.subset(order[share_rows(len(keep), int(unlabelled.sum()), job.labelled_share)])
     else:
         labelled = distil_set = pool
 

@@ -16,11 +16,11 @@ from hf_kd.quantize import quantised_linear_names, quantize_teacher, weight_byte
 
 # Bound on the mean token KL(float || int8) at T=1. The models below use initializer_range=0.1 so their logits are
 # spread (std ~0.8, entropy ~3.4 nats of at most 3.7) rather than near-uniform (0.02: std 0.15, KL ~1e-5 says little).
-# int8 steps are 1/254 of a weight row's range and 1/255 of an activation tensor's range; through two layers they
-# leave a logit error delta of a few percent of the logits' spread, and KL ~ Var_p(delta)/2 ~ (0.05 * 0.8)^2 / 2
-# ~ 1e-3. Measured here: Llama 1.3e-3 (3 seeds: 1.28-1.31e-3), ViT 5.5e-4, BERT 3e-5 (its tanh pooler keeps the
-# logits narrow, std 0.3). 5e-3 leaves ~4x for
-# other CPUs' int8 kernels (fbgemm / oneDNN / qnnpack round differently); a broken scale gives KL of order 1.
+# int8 steps are 1/254 of a weight row's range and 1/127 of an activation tensor's range (7 bits: reduce_range);
+# through two layers they leave a logit error delta of a few percent of the logits' spread, and KL ~ Var_p(delta)/2
+# ~ (0.05 * 0.8)^2 / 2 ~ 1e-3. Measured here: Llama 1.3e-3 (3 seeds: 1.28-1.31e-3), ViT 5.5e-4, BERT 3e-5 (its tanh
+# pooler keeps the logits narrow, std 0.3). 5e-3 leaves ~4x for other CPUs' int8 kernels (fbgemm / oneDNN / qnnpack
+# round differently); a broken scale gives a KL of order 1.
 KL_BOUND = 5e-3
 
 
