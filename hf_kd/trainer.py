@@ -51,14 +51,11 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
                  teacher_processing_class=None, signals: list[Signal] | None = None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a hf_kd.DistillationConfig (TrainingArguments plus distillation fields)")
-        no_teacher = teacher_model is None and args.teacher_cache is None and args.teacher_url is None
-        teacher_free = signals or args.mutual_weight > 0 or args.self_distill_weight > 0
         sources = sum(x is not None for x in (teacher_model, args.teacher_cache, args.teacher_url))
-        if model is None or sources > 1 or (no_teacher and not teacher_free):
-            raise ValueError("DistillationTrainer needs model= (the student) and either teacher_model=, "
-                             "args.teacher_cache (a folder made by `hf-kd cache-teacher`) or args.teacher_url (a "
-                             "server started by `hf-kd serve-teacher`), one source, not both (or, with no "
-                             "teacher at all, signals that need none: mutual learning, self-distillation)")
+        if model is None or sources > 1:  # no teacher at all: only signals that need none (checked per signal)
+            raise ValueError("DistillationTrainer needs model= (the student) and at most one teacher source: "
+                             "teacher_model=, args.teacher_cache (a folder made by `hf-kd cache-teacher`) or "
+                             "args.teacher_url (a server started by `hf-kd serve-teacher`)")
         self.task = task_of(model)
         self.kd_impl = capture.resolve_kd_impl(args.kd_impl, self.task)  # 'full', 'chunked' or 'fused'
         student = base_model_of(model)

@@ -57,8 +57,9 @@ def test_no_teacher_needs_teacher_free_signals(tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         DistillationTrainer(model=bert(1, 1), args=args(tmp_path, kd_weight=1.0), train_dataset=texts(),
                             signals=[MutualLearning("mutual", 1.0, peers=[bert(1, 2)])])
-    with pytest.raises(ValueError, match="either teacher_model"):
-        DistillationTrainer(model=bert(1, 1), args=args(tmp_path), train_dataset=texts())
+    with pytest.raises(ValueError, match="at most one teacher source"):
+        DistillationTrainer(model=bert(1, 1), args=args(tmp_path, teacher_cache=str(tmp_path)), train_dataset=texts(),
+                            teacher_model=bert(1, 2))
 
 
 def test_each_peer_trains_with_its_own_learning_rate_and_schedule(tmp_path):

@@ -49,9 +49,10 @@ def from_config(args, task: str, teachers: dict, student, tokenizers: tuple | No
         if args.relation_weight > 0:
             signals.append(SimilarityPreserving("relation", args.relation_weight, pairs))
     elif hidden.peak > 0 or args.relation_weight > 0:
-        raise ValueError("teacher_cache: hidden-state and relational losses need the teacher's hidden states, which "
-                         "a cache does not hold: set hidden_weight=0 (and its *_end) and relation_weight=0, or train "
-                         "with the teacher online")
+        where = "a teacher cache or server holds only its top-k output" if args.teacher_cache or args.teacher_url \
+            else "no teacher was passed"
+        raise ValueError(f"hidden-state and relational losses need the teacher's hidden states ({where}): set "
+                         "hidden_weight=0 (and its *_end) and relation_weight=0, or pass teacher_model=")
     signals += _feature_signals(args, teacher, student) + _teacher_free_signals(args, student)
     if args.progressive:
         signals = _progressive(signals)
