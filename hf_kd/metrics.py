@@ -22,15 +22,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import EvalPrediction, TrainerCallback
+from transformers import EvalPrediction
 
 from . import metric_modules
 from .align import predicting, targets
-from .report import _no_cache, evaluate, latency, num_parameters
+from .curves import HIGHER_IS_BETTER, HeldOutCurve, crossover, plot_curves
+from .report import _no_cache, latency, num_parameters
 from .tasks import CLASSIFICATION, as_model_dtype
 
-HIGHER_IS_BETTER = {"accuracy": True, "teacher_agreement": True, "perplexity": False, "loss": False,
-                    "teacher_kl": False, "cosine_to_teacher": True}
+__all__ = ["HIGHER_IS_BETTER", "HeldOutCurve", "compression_ratio", "compute_metric", "crossover", "gap", "load_metric",
+           "logits_to_predictions", "metric_on_batches", "plot_curves", "predictions_and_references", "speedup",
+           "trainer_metrics"]
 
 
 def compression_ratio(teacher, student) -> float:
@@ -60,56 +62,6 @@ def gap(teacher_metrics: dict, student_metrics: dict) -> dict:
     return out
 
 
-class HeldOutCurve(TrainerCallback):
-    """Evaluates the student on fixed held-out ``batches`` every ``every`` optimizer steps (and at the end), with
-    :func:`hf_kd.report.evaluate`; ``points`` holds {"step", metric: value, ...} rows, also appended to the
-    trainer's log history as ``heldout_<metric>``."""
-
-    def __init__(self, batches: list[dict], task: str, every: int = 50, teacher=None):
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.batches, self.task, self.every, self.teacher = batches, task, every, teacher
-        self.points: list[dict] = []
-
-    def _measure(self, state, model) -> None:
-        if self.points and self.points[-1]["step"] == state.global_step:
-            return
-        with torch.no_grad():
-            metrics = evaluate(model, self.batches, self.task, self.teacher)
-        self.points.append({"step": state.global_step, **metrics})
-        state.log_history.append({"step": state.global_step, **{f"heldout_{k}": v for k, v in metrics.items()}})
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 and state.is_world_process_zero:
-            self._measure(state, model)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            self._measure(state, model)
-
-    def plot(self, path: str, metric: str | None = None) -> str | None:
-        """A PNG of ``metric`` (default: the first of accuracy / perplexity found) against steps."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        metric = metric or next((m for m in ("accuracy", "perplexity", "loss") if self.points and m in
-                                 self.points[0]), None)
-        if metric is None:
-            return None
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        ax.plot([p["step"] for p in self.points], [p[metric] for p in self.points], marker="o", ms=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out {metric}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
-
-
-# ---- evaluate metrics ----------------------------------------------------------------------------------------------
 def _offline() -> bool:
     return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                for v in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE"))
