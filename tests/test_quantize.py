@@ -119,7 +119,8 @@ def test_keep_float_bf16_model_and_bad_names():
         quantize_teacher(nn.Sequential(nn.Embedding(4, 4)))
 
 
-def test_trainer_distils_from_int8_teacher(tmp_path):
+@pytest.mark.parametrize("teacher_dtype", ["model", "auto"])  # 'auto' never casts a model object
+def test_trainer_distils_from_int8_teacher(tmp_path, teacher_dtype):
     teacher = llama()
     student = make_student(teacher, num_layers=1)
     quantised = quantize_teacher(teacher)
@@ -129,7 +130,7 @@ def test_trainer_distils_from_int8_teacher(tmp_path):
     rows = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = DistillationConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
                               use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-                              teacher_dtype="model", hidden_weight=1.0)
+                              teacher_dtype=teacher_dtype, hidden_weight=1.0)
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = DistillationTrainer(model=student, teacher_model=quantised, args=args, train_dataset=rows)
     trainer.train()
