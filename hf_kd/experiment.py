@@ -27,12 +27,13 @@ import torch
 from transformers import TrainingArguments
 
 from .config import DistillationConfig
+from .curves import crossover, plot_curves
 from .report import (evaluate, latency, machine, model_card, num_parameters, push_or_dry_run, teacher_warnings,
                      write_report)
 from .trainer import DistillationTrainer
 
-__all__ = ["Interrupted", "REPORTED_CONFIG", "baseline_args", "save_and_report", "torch_threads", "train",
-           "train_baseline"]
+__all__ = ["Interrupted", "REPORTED_CONFIG", "baseline_args", "heldout_curves", "save_and_report", "torch_threads",
+           "train", "train_baseline"]
 
 log = logging.getLogger("hf_kd")
 REPORTED_CONFIG = ("temperature", "alpha_task", "kd_weight", "kd_loss", "hidden_weight", "hidden_loss", "learning_rate",
@@ -73,7 +74,7 @@ def baseline_args(args: DistillationConfig, output_dir: str) -> DistillationConf
     """``args`` for the no-teacher baseline: the task loss alone (``alpha_task=1``), every teacher term's weight 0
     (logits, hidden states, relations, hints, attention, gradients: each ``*_weight`` field of DistillationConfig),
     no weight or temperature schedule, no hint-only first stage or progressive stages, one teacher's mixing
-    defaults, no teacher route; no push, no checkpoints, a fresh run in
+    defaults, no teacher route, cache or server; no push, no checkpoints, a fresh run in
     ``output_dir``. Data, steps, optimiser, learning-rate schedule and seed are unchanged."""
     own = ({f.name for f in dataclasses.fields(DistillationConfig)}
            - {f.name for f in dataclasses.fields(TrainingArguments)})  # the distillation fields
@@ -83,22 +84,20 @@ def baseline_args(args: DistillationConfig, output_dir: str) -> DistillationConf
     return dataclasses.replace(args, output_dir=output_dir, **weights, **ends, alpha_task=1.0,
                                weight_schedule="constant", hint_first_stage=0.0, progressive=False,
                                teacher_weights="uniform", teacher_temperatures=None, teacher_checkpoints=None,
-                               push_to_hub=False,
+                               teacher_cache=None, teacher_url=None, push_to_hub=False,
                                save_strategy="no", resume_from_checkpoint=None)
 
 
 def train_baseline(args: DistillationConfig, student, *, teacher, train_dataset, eval_batches: list, task: str,
-                   data_collator=None, processing_class=None) -> tuple[dict, float, list[dict]]:
+                   data_collator=None, processing_class=None, callbacks=None) -> tuple[dict, float, list[dict]]:
     """Train ``student`` (a fresh copy of the initial student) for the same steps on its task loss alone
-    (:func:`baseline_args`), in a temporary folder; returns its held-out ``(metrics, train seconds, log history)``.
-
-    The teacher is still passed so the metrics include agreement with it; no loss term uses it.
-    """
+    (:func:`baseline_args`; no teacher in the trainer), in a temporary folder; returns its held-out ``(metrics,
+    train seconds, log history)``. ``teacher`` only adds agreement with it to the metrics."""
     tmp = tempfile.mkdtemp(prefix="hf_kd_baseline_")
     try:
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=baseline_args(args, tmp),
-                                      train_dataset=train_dataset, data_collator=data_collator,
-                                      processing_class=processing_class)
+        trainer = DistillationTrainer(model=student, args=baseline_args(args, tmp), train_dataset=train_dataset,
+                                      data_collator=data_collator, processing_class=processing_class,
+                                      callbacks=callbacks)
         seconds = train(trainer)
         metrics = evaluate(student, eval_batches, task, teacher, desc="eval baseline")
         return metrics, seconds, trainer.state.log_history
@@ -109,14 +108,15 @@ def train_baseline(args: DistillationConfig, student, *, teacher, train_dataset,
 def save_and_report(trainer: DistillationTrainer, *, teacher, task: str, teacher_name: str, data: str,
                     speed_inputs: dict, metrics: dict, seconds: dict, histories: dict[str, list[dict]],
                     notes: list[str] | None = None, processing_class=None, keep_checkpoints: bool = False,
-                    push: bool = False, dry_run: bool = False) -> dict:
+                    push: bool = False, dry_run: bool = False, curves: dict[str, list[dict]] | None = None) -> dict:
     """Save the distilled student (``trainer.model``) to ``args.output_dir`` with its processor, time teacher and
     student on ``speed_inputs``, and write the report and model card; returns the report (``{}`` on processes
     other than the main one, which write nothing).
 
     ``metrics``: rows of held-out metrics ("teacher", "student_before", "student_after", "baseline_no_teacher");
     ``seconds`` and ``histories``: training wall times and ``log_history`` per run, plotted as learning curves.
-    ``keep_checkpoints=False`` removes the ``checkpoint-*`` folders (they exist to survive a crash).
+    ``curves``: :class:`hf_kd.curves.HeldOutCurve` points per arm ("distilled", "no teacher"), plotted against steps
+    and seconds (heldout_curves.png) with the crossovers in the report. ``keep_checkpoints=False`` removes the ``checkpoint-*`` folders (they exist to survive a crash).
     ``push``: push the folder to the Hub through the trainer, or with ``dry_run`` write push_dry_run.json listing
     what would be pushed (build the trainer with ``push_to_hub=False`` then: it creates the Hub repo at init).
     """
@@ -148,6 +148,9 @@ def save_and_report(trainer: DistillationTrainer, *, teacher, task: str, teacher
         "config": {k: getattr(args, k) for k in REPORTED_CONFIG},
         "notes": notes or [], "warnings": teacher_warnings(metrics),
     }
+    if curves:
+        report["heldout_curves"] = heldout_curves(out, curves, task)
+        report["notes"].append(report["heldout_curves"]["summary"])
     for warning in report["warnings"]:
         log.warning(warning)
     write_report(out, report, histories)
@@ -156,3 +159,20 @@ def save_and_report(trainer: DistillationTrainer, *, teacher, task: str, teacher
         push_or_dry_run(trainer, out, dry_run)
     torch.set_grad_enabled(True)
     return report
+
+
+def heldout_curves(out_dir: str, curves: dict[str, list[dict]], task: str) -> dict:
+    """Plot the arms' held-out curves (heldout_curves.png) and say where the distilled one overtakes the baseline,
+    in steps and in seconds (teacher costs included in its seconds)."""
+    metric = "perplexity" if task == "causal_lm" else "accuracy"
+    png = plot_curves(curves, os.path.join(out_dir, "heldout_curves.png"), metric)
+    out = {"png": os.path.basename(png) if png else None, "metric": metric, "points": curves}
+    if {"distilled", "no teacher"} <= set(curves):
+        for x in ("step", "seconds"):
+            out[f"crossover_{x}"] = crossover(curves["distilled"], curves["no teacher"], metric, x=x)
+        said = [f"from {x} {out[f'crossover_{x}']:.0f}" for x in ("step", "seconds") if out[f"crossover_{x}"] is not None]
+        out["summary"] = (f"held-out {metric}: the distilled student leads the no-teacher baseline " + " / ".join(said)
+                          if said else f"held-out {metric}: the distilled student never leads the no-teacher baseline")
+    else:
+        out["summary"] = f"held-out {metric} curves in heldout_curves.png"
+    return out

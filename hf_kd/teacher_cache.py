@@ -32,12 +32,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import hashlib
 import shutil
+import time
 
 import torch
 import torch.nn.functional as F
 
 from .align import predicting
+from .assets import cache_dir
 from .losses.kd_ce import log1mexp
 from .losses.logits import reduce
 
@@ -132,8 +135,8 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
         raise ValueError(f"k must be in 1..{teacher.config.vocab_size}, got {k}")
     if storage_dtype not in ("float16", "float32"):
         raise ValueError(f"storage_dtype must be float16 or float32, got {storage_dtype!r}")
-    np_dtype = storage_dtype
-    teacher.eval()
+    np_dtype, began, training = storage_dtype, time.perf_counter(), teacher.training
+    teacher.eval()  # given back in its own mode below
     rows = {c: [] for c in CACHE_COLUMNS}
     for start in tqdm(range(0, len(dataset), batch_size), desc="teacher cache"):
         batch = dataset[start:start + batch_size]
@@ -145,6 +148,7 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
             rows["teacher_topk_ids"].append(top_ids[i].to(torch.int32).tolist())
             rows["teacher_topk_logprobs"].append(top_lp[i].tolist())
             rows["teacher_tail_logmass"].append(tail[i].tolist())
+    teacher.train(training)
     features = dataset.features.copy()
     features["teacher_topk_ids"] = Sequence(Sequence(Value("int32"), length=k))  # fixed size: no offsets
     features["teacher_topk_logprobs"] = Sequence(Sequence(Value(np_dtype), length=k))
@@ -157,12 +161,31 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
     meta = {"k": k, "temperature": temperature, "storage_dtype": storage_dtype, "vocab_size": teacher.config.vocab_size,
             "teacher": teacher_name, "tokens": tokens,
             "cache_bytes_per_token": _column_bytes(cached, CACHE_COLUMNS) / tokens,
-            "disk_bytes_per_token": _dir_bytes(tmp) / tokens}
+            "disk_bytes_per_token": _dir_bytes(tmp) / tokens, "build_seconds": time.perf_counter() - began}
     with open(os.path.join(tmp, META_NAME), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(tmp, output_dir)
     return meta
+
+
+def reusable_cache(teacher, dataset, *, teacher_name: str, k: int = 32, temperature: float = 1.0,
+                   storage_dtype: str = "float16", batch_size: int = 8, root: str | None = None) -> tuple[str, dict]:
+    """A teacher cache of ``dataset`` made once and reused by every later run, seed and epoch: the folder is keyed by
+    the content (the rows' token ids, the teacher's name and dtype, k, temperature, storage dtype), under ``root``
+    (default: ``hf_kd.assets.cache_dir()/teacher_caches``). Returns (folder, metadata); the metadata's
+    ``build_seconds`` is what making it cost once (count it once in a comparison at equal compute) and ``reused``
+    says whether this call found it made."""
+    key = hashlib.sha256(json.dumps([teacher_name, str(next(teacher.parameters()).dtype), k, temperature,
+                                     storage_dtype]).encode())
+    for ids in dataset["input_ids"]:
+        key.update(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes())
+    folder = os.path.join(root or str(cache_dir() / "teacher_caches"), key.hexdigest()[:16])
+    if os.path.isfile(os.path.join(folder, META_NAME)):
+        return folder, {**load_teacher_cache(folder)[1], "reused": True}
+    meta = build_teacher_cache(teacher, dataset, folder, k=k, temperature=temperature, storage_dtype=storage_dtype,
+                               batch_size=batch_size, teacher_name=teacher_name)
+    return folder, {**meta, "reused": False}
 
 
 def _column_bytes(dataset, columns) -> int:

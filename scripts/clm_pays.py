@@ -1,0 +1,167 @@
+"""Does distillation pay on the main job? The distilled student against the same student trained without the
+teacher, at equal steps and at equal wall time (the teacher's cost counted: a cache's build once), settings chosen
+on validation documents, the final comparison on test documents (issue 18).
+
+    python scripts/clm_pays.py --split validation --seeds 0 --configs base,kd_t1,kd_only_t1,base_lr5e-4,kd_t1_lr5e-4 \
+        --out results/clm_pays_validation.json
+    python scripts/clm_pays.py --split test --seeds 0,1,2 --configs base,kd_t1 --equal_time \
+        --out results/clm_pays_test.json --render docs/clm_pays.md
+    python scripts/clm_pays.py --quick --seeds 0 --configs base,kd_t1 --equal_time --out /tmp/q.json   # smoke run
+
+Every run starts from the job's own initial student (``hf_kd_recipes.distill_clm.prepare``) on the job's training
+blocks, with its held-out curve (every --every steps, against steps and seconds). A config is the job's defaults
+plus the flags in CONFIGS. ``--equal_time``: for each seed the baseline is trained again for the steps that fit in
+the distilled run's seconds (cache build included), so both arms get the same compute. Runs are saved to --out as
+they finish (a rerun resumes). Nothing else should run meanwhile: the equal-time step counts come from wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from hf_kd import DistillationTrainer
+from hf_kd.curves import HeldOutCurve, plot_curves
+from hf_kd.experiment import baseline_args, train
+from hf_kd.report import evaluate, machine
+from hf_kd_recipes.distill_clm import DEFAULTS, QUICK, TASK, CausalLMJob, prepare, teacher_source
+from hf_kd_recipes.job_args import parse
+
+CONFIGS = {  # name -> flags over the job's defaults; names starting with "base" train without a teacher
+    "base": [], "base_lr5e-4": ["--learning_rate", "5e-4"],
+    "kd_t1": ["--temperature", "1", "--alpha_task", "1", "--kd_weight", "1", "--hidden_weight", "0"],
+    "kd_t2": ["--temperature", "2", "--alpha_task", "1", "--kd_weight", "1", "--hidden_weight", "0"],
+    "kd_only_t1": ["--temperature", "1", "--alpha_task", "0", "--kd_weight", "1", "--hidden_weight", "0"],
+    "kd_t1_lr5e-4": ["--temperature", "1", "--alpha_task", "1", "--kd_weight", "1", "--hidden_weight", "0",
+                     "--learning_rate", "5e-4"],
+}
+
+
+def run_one(p, config: str, seed: int, steps: int, common: list[str], every: int) -> dict:
+    """Train a fresh copy of the initial student under ``config`` for ``steps`` steps: seconds, metrics, curve."""
+    with tempfile.TemporaryDirectory(prefix="hf_kd_pays_") as tmp:
+        argv = common + ["--seed", str(seed), "--max_steps", str(steps), "--output_dir", tmp, "--save_strategy", "no",
+                         "--disable_tqdm", "true"] + CONFIGS[config]
+        job, args = parse(CausalLMJob, argv, DEFAULTS, QUICK)
+        costs, kw = {}, {}
+        if config.startswith("base"):
+            args = baseline_args(args, tmp)
+        else:
+            args, costs = teacher_source(p, job, args, p.train_blocks)
+            kw = {"teacher_model": p.teacher} if args.teacher_cache is None else {}
+        curve = HeldOutCurve(p.eval_batches, TASK, every=every, at_start=True, offset_seconds=sum(costs.values()))
+        load = os.getloadavg()[0]
+        trainer = DistillationTrainer(model=p.new_student(), args=args, processing_class=p.tok, callbacks=[curve],
+                                      train_dataset=None if args.teacher_cache else p.train_blocks, **kw)
+        seconds = train(trainer) + sum(costs.values())
+        row = {"config": config, "seed": seed, "steps": trainer.state.global_step, "seconds": seconds, "costs": costs,
+               "load_before": load, "load_after": os.getloadavg()[0], "curve": curve.points,
+               "grad_norm_max": max((h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h),
+                                    default=None)}
+        row.update(evaluate(trainer.model, p.eval_batches, TASK, p.teacher))
+        return row
+
+
+def compare(args) -> dict:
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": {}}
+    results.update(machine=machine(), command="python " + " ".join(sys.argv), cpu_count=os.cpu_count())
+    common = (["--quick"] if args.quick else []) + ["--eval_split", args.split]
+    job, defaults = parse(CausalLMJob, common, DEFAULTS, QUICK)
+    steps = args.steps or defaults.max_steps
+    settings = {"steps": steps, "split": args.split, "quick": args.quick, "train_blocks": job.train_blocks}
+    if results.setdefault("settings", settings) != settings:
+        raise ValueError(f"{args.out} holds runs with other settings ({results['settings']}): use another --out")
+    configs = args.configs.split(",")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        p = None
+
+        def once(key: str, config: str, n: int) -> dict:
+            nonlocal p
+            if key not in results["runs"]:
+                p = p or prepare(job, seed)
+                print(f"--- {key}: {config}, {n} steps", flush=True)
+                results["runs"][key] = run_one(p, config, seed, n, common, args.every)
+                with open(args.out + ".tmp", "w") as f:
+                    json.dump(results, f, indent=1)
+                os.replace(args.out + ".tmp", args.out)
+                row = results["runs"][key]
+                print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+            return results["runs"][key]
+
+        rows = {c: once(f"{c}/seed{seed}", c, steps) for c in configs}
+        if args.equal_time:
+            base = next(c for c in configs if c.startswith("base"))
+            for c in configs:
+                if not c.startswith("base"):  # the baseline given the distilled run's seconds
+                    n = max(1, round(steps * rows[c]["seconds"] / rows[base]["seconds"]))
+                    once(f"{base}@time_of_{c}/seed{seed}", base, n)
+    return results
+
+
+def _stats(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def markdown(results: dict) -> str:
+    """Per config: held-out perplexity and KL to the teacher (mean ± sd over seeds), steps, seconds, and each
+    seed's difference from the baseline of the same budget."""
+    runs = results["runs"]
+    groups: dict[str, list[dict]] = {}
+    for key, row in runs.items():
+        groups.setdefault(key.split("/")[0], []).append(row)
+    base = next((g for g in groups if g.startswith("base") and "@" not in g), None)
+    lines = [f"Split: {results['settings']['split']}; {results['settings']['steps']} steps; machine: "
+             f"{results['machine']}.", "",
+             "| run | seeds | perplexity | KL(teacher ‖ student) | steps | seconds (teacher costs in) | "
+             "per-seed perplexity - baseline's at equal steps | max load |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["seed"])
+        ref = {r["seed"]: r["perplexity"] for r in groups.get(base, [])}
+        diff = ", ".join(f"{r['perplexity'] - ref[r['seed']]:+.2f}" for r in rows if r["seed"] in ref) \
+            if name != base else "-"
+        lines.append(f"| {name} | {len(rows)} | {_stats([r['perplexity'] for r in rows])} | "
+                     f"{_stats([r['teacher_kl'] for r in rows])} | {rows[0]['steps']} | "
+                     f"{_stats([r['seconds'] for r in rows])} | {diff} | "
+                     f"{max(max(r['load_before'], r['load_after']) for r in rows):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> str | None:
+    """Seed 0's curves of every run: held-out perplexity against steps and seconds."""
+    curves = {k.split("/")[0]: r["curve"] for k, r in results["runs"].items() if r["seed"] == 0}
+    return plot_curves(curves, path, "perplexity")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--configs", default="base,kd_t1", help="Comma-separated names of " + ", ".join(CONFIGS))
+    parser.add_argument("--split", default="validation", choices=["validation", "test"])
+    parser.add_argument("--steps", type=int, default=0, help="Equal-steps budget (0 = the job's max_steps).")
+    parser.add_argument("--every", type=int, default=10, help="Held-out curve every N steps.")
+    parser.add_argument("--equal_time", action="store_true", help="Also the baseline at each config's seconds.")
+    parser.add_argument("--out", default="results/clm_pays.json")
+    parser.add_argument("--render", default=None, help="Also write the Markdown table (and a .png beside it).")
+    parser.add_argument("--quick", action="store_true", help="The recipe's --quick sizes (a smoke test).")
+    parser.add_argument("--render_only", action="store_true", help="Render --out's runs without training.")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = json.load(open(args.out)) if args.render_only else compare(args)
+    table = markdown(results)
+    print(table, f"\n{time.perf_counter() - start:.0f} s")
+    if args.render:
+        image = os.path.splitext(args.render)[0] + ".png"
+        plot(results, image)
+        with open(args.render, "w") as f:
+            f.write(f"# Does distillation pay on the main job?\n\n{table}\n![held-out perplexity of seed 0's runs "
+                    f"against steps and seconds]({os.path.basename(image)})\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
