@@ -80,8 +80,12 @@ def share_rows(n_labelled: int, n_unlabelled: int, labelled_share: float) -> tor
         n_l, n_u = max(n_labelled, round(labelled_share * n_unlabelled / (1 - labelled_share))), n_unlabelled
     else:  # repeat the unlabelled rows
         n_l, n_u = n_labelled, max(n_unlabelled, round(n_labelled * (1 - labelled_share) / labelled_share))
-    spread = lambda n, k: torch.arange(n) * k // n  # noqa: E731  n indices covering 0..k-1 evenly (n >= k)
-    return torch.cat([spread(n_l, n_labelled), n_labelled + spread(n_u, n_unlabelled)])
+    return torch.cat([_spread(n_l, n_labelled), n_labelled + _spread(n_u, n_unlabelled)])
+
+
+def _spread(n: int, k: int) -> torch.Tensor:
+    """``n >= k`` indices covering 0..k-1, each ``n // k`` or ``n // k + 1`` times, in order."""
+    return torch.arange(n) * k // n
 
 
 def check_share(labelled_share) -> None:
