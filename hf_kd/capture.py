@@ -266,7 +266,9 @@ def run(model: nn.Module, inputs: dict, needs: Needs, task: str, *, teacher: boo
     # the teacher: inference mode unless gradients are taken; the student: as the caller has it (no_grad in
     # evaluation), but gradients of the task loss need a graph even there
     grad_mode = torch.enable_grad() if needs.grads else torch.inference_mode() if teacher else contextlib.nullcontext()
-    leaves = needs.module_grads if teacher else ()
+    # the teacher's module outputs become leaves (its weights are frozen, so nothing else would require grad), unless
+    # the input is a leaf too: then they are in the input's graph already, and detaching them would cut it
+    leaves = needs.module_grads if teacher and not needs.input_grad else ()
     with grad_mode, ModuleHooks(model, needs.modules | needs.module_grads, leaves) as module_out:
         if needs.input_grad:
             inputs, leaf = _input_leaf(model, inputs, teacher)
