@@ -42,7 +42,7 @@ DEFAULTS = dict(
 # --labelled_images N > 0 (a few labelled digits + a transfer set): the settings chosen on the validation split
 # (results/image_few_labels_validation.json; docs/image_pays.md), applied over DEFAULTS, under a YAML and flags
 FEW_LABELS = dict(train_images=0, labelled_share=0.25, alpha_task=0.1, kd_weight=1.0, temperature=4.0,
-                  hidden_weight=1.0, max_grad_norm=0.0, max_steps=480, learning_rate=2e-3)
+                  hidden_weight=1.0, max_grad_norm=0.0, max_steps=1920, learning_rate=4e-3)
 QUICK = dict(output_dir="outputs/image_quick", max_steps=10, logging_steps=5, warmup_steps=0, train_images=256,
              eval_images=200)
 

@@ -43,18 +43,20 @@ CONFIGS = {  # name -> flags of the image job; "few*" start from the FEW_LABELS 
     "few_s960": FEW + ["--max_steps", "960"], "few_s1920": FEW + ["--max_steps", "1920"],
     "few_s240": FEW + ["--max_steps", "240"],
     "few_resnet": FEW + ["--student", "resnet"],
-    "full": FULL, "full_old": FULL + ["--alpha_task", "0.5", "--kd_weight", "0.5", "--max_grad_norm", "1"],
+    "full": FULL,  # today's defaults: 480 steps, alpha_task 0.5, kd_weight 0.5, T 4, max_grad_norm 1
+    "full_fewpreset": FULL + ["--alpha_task", "0.1", "--kd_weight", "1", "--max_grad_norm", "0", "--max_steps", "1920",
+                              "--learning_rate", "4e-3"],  # the few-label validated loss and optimiser settings
 }
 ARMS = {"distilled": "student_after", "no teacher, equal steps": "baseline_no_teacher",
         "no teacher, equal time": "baseline_equal_time"}
 
 
 def extra_configs(names: list[str]) -> None:
-    """``name=flag,value,flag,value`` on the command line adds a config over FEW (a search step not named above)."""
+    """``name=flag:value:flag:value`` in --configs adds a config over FEW (a search step not named above)."""
     for i, name in enumerate(names):
         if "=" in name:
             key, flags = name.split("=", 1)
-            CONFIGS[key] = FEW + flags.split(",")
+            CONFIGS[key] = FEW + flags.split(":")
             names[i] = key
 
 

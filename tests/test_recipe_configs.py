@@ -16,7 +16,7 @@ LOGGED = {"hint_weight": "hint_loss", "at_weight": "attention_transfer_loss", "a
           "input_grad_weight": "input_gradient_loss", "great_weight": "great_loss", "relation_weight": "relation_loss",
           "feature_grad_weight": "feature_gradient_loss", "kd_weight_end": "kd_weight", "progressive": "hidden_0_loss",
           "mutual_weight": "mutual_loss", "self_distill_weight": "self_distill_loss", "teacher_route": "teacher_checkpoint",
-          "teachers": "kd_loss", "mode": None}
+          "teachers": "kd_loss", "mode": None, "labelled_images": "kd_loss"}
 
 
 @pytest.mark.slow
