@@ -64,8 +64,8 @@ class ImageJob(ClassifierJobArguments):
                                               "labelled rows in the distillation data (hf_kd.data.share_rows repeats "
                                               "rows); 0 = every digit once."})
     equal_time: bool = dataclasses.field(default=False, metadata={"help": "Also train the baseline for the steps "
-                                         "that fit the distilled run's wall time (teacher forwards included), at the "
-                                         "equal-steps baseline's measured speed."})
+                                         "that fit the distilled run's training seconds (teacher forwards included, "
+                                         "held-out evaluations left out), at the equal-steps baseline's speed."})
     curve_every: int = dataclasses.field(default=0, metadata={"help": "Held-out curve point every N steps for both "
                                          "arms (0 = max_steps // 8)."})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or "
