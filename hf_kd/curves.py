@@ -26,7 +26,8 @@ class HeldOutCurve(TrainerCallback):
     ``at_start`` also before the first step), with :func:`hf_kd.report.evaluate`. ``points`` holds {"step",
     "seconds", metric: value, ...} rows, also appended to the trainer's log history as ``heldout_<metric>``.
     ``seconds``: training wall time so far, the curve's own evaluations left out, plus ``offset_seconds`` (a cost
-    paid before training that the comparison must count, e.g. building a teacher cache)."""
+    paid before training that the comparison must count, e.g. building a teacher cache); ``cpu_seconds``: this
+    process's CPU time over the same span (less sensitive to other jobs on the machine; no offset)."""
 
     def __init__(self, batches: list[dict], task: str, every: int = 50, teacher=None, at_start: bool = False,
                  offset_seconds: float = 0.0):
@@ -36,21 +37,26 @@ class HeldOutCurve(TrainerCallback):
         self.at_start, self.offset = at_start, float(offset_seconds)
         self.points: list[dict] = []
         self._start, self._evaluating = None, 0.0
+        self._cpu_start, self.cpu_in_evaluation = None, 0.0  # process CPU time: what other jobs on the machine
+        # slow down less than wall time
 
     def _measure(self, state, model) -> None:
         if self.points and self.points[-1]["step"] == state.global_step:
             return
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         seconds = self.offset + began - self._start - self._evaluating
+        cpu_seconds = cpu_began - self._cpu_start - self.cpu_in_evaluation
         with torch.no_grad():
             metrics = evaluate(model, self.batches, self.task, self.teacher)
         self._evaluating += time.perf_counter() - began
-        self.points.append({"step": state.global_step, "seconds": seconds, **metrics})
+        self.cpu_in_evaluation += time.process_time() - cpu_began
+        self.points.append({"step": state.global_step, "seconds": seconds, "cpu_seconds": cpu_seconds, **metrics})
         state.log_history.append({"step": state.global_step, "heldout_seconds": seconds,
                                   **{f"heldout_{k}": v for k, v in metrics.items()}})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start, self._evaluating = time.perf_counter(), 0.0
+        self._cpu_start, self.cpu_in_evaluation = time.process_time(), 0.0
         if self.at_start and state.is_world_process_zero:
             self._measure(state, model)
 
