@@ -10,47 +10,15 @@ import torch
 
 from transformers import TrainingArguments
 
-from .align import KD_POSITIONS
+from .flow.align import KD_POSITIONS
 from .losses import HIDDEN_LOSSES, LOGIT_LOSSES
-from .schedules import SCHEDULED, SCHEDULES
+from .flow.schedules import SCHEDULED, SCHEDULES
+from .signals.maps import parse_layer_map, parse_module_pairs
 KD_IMPLS = ("auto", "full", "chunked", "fused")
-TEACHER_PLACEMENTS = ("auto", "shard", "offload")  # hf_kd.placement
+TEACHER_PLACEMENTS = ("auto", "shard", "offload")  # hf_kd.teachers.placement
 TEACHER_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
-DATA_MODES = ("supervised", "sequence_level", "on_policy")  # hf_kd.on_policy
-
-
-def parse_module_pairs(value, what: str = "module pairs") -> list[tuple[str, str]] | None:
-    """'teacher.module:student.module,...' -> [(teacher name, student name), ...]."""
-    if not value:
-        return None
-    if not isinstance(value, str):
-        return [tuple(p) for p in value]
-    pairs = [tuple(item.split(":")) for item in value.replace(" ", "").split(",") if item]
-    if any(len(p) != 2 or not all(p) for p in pairs):
-        raise ValueError(f"{what} {value!r}: expected 'teacher.module:student.module' pairs separated by commas")
-    return pairs
-
-
-def parse_layer_map(value, unique: bool = True) -> list[tuple[int, int]] | None:
-    """'0:0,4:1,8:2' (teacher:student hidden-state indices) or a list of pairs -> list of int pairs."""
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        try:
-            pairs = [tuple(int(x) for x in item.split(":")) for item in value.replace(" ", "").split(",") if item]
-        except ValueError:
-            raise ValueError(f"layer_map {value!r}: expected 'teacher:student' pairs such as '0:0,4:1,8:2'") from None
-    else:
-        pairs = [tuple(int(x) for x in p) for p in value]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"layer_map {value!r}: every item must be a teacher:student pair")
-    students = [s for _, s in pairs]
-    if unique and len(set(students)) != len(students):
-        raise ValueError(f"layer_map {value!r}: a student hidden state appears twice; map each at most once")
-    if any(i < 0 for p in pairs for i in p):
-        raise ValueError(f"layer_map {value!r}: indices must be >= 0 (0 is the embedding output)")
-    return pairs
+DATA_MODES = ("supervised", "sequence_level", "on_policy")  # hf_kd.data.on_policy
 
 
 @dataclass
@@ -97,7 +65,7 @@ class DistillationConfig(TrainingArguments):
                                    "accelerator places models: replicated under DDP, sharded under FSDP / ZeRO-3) or "
                                    "'shard' (FSDP2-shard the teacher over all processes whatever the student's "
                                    "strategy, CPU included) or 'offload' (GPU: those shards kept in CPU memory, "
-                                   "brought to the GPU block by block); see hf_kd.placement."})
+                                   "brought to the GPU block by block); see hf_kd.teachers.placement."})
     kd_impl: str = field(default="auto", metadata={"help": "Logit-loss implementation: 'full' (reference), "
                          "'chunked' (token chunks, never the full [tokens, vocab] probabilities), 'fused' "
                          "(logits from hidden states chunk by chunk), 'auto' = chunked for LMs."})
@@ -196,13 +164,13 @@ class DistillationConfig(TrainingArguments):
                                             "(scheduled)."})
     temperature_end: float | None = field(default=None, metadata={"help": "Temperature at the last step (scheduled; "
                                           "not with teacher_cache, made at one temperature)."})
-    # data modes for causal LMs (hf_kd.on_policy); the generation fields sample text, `temperature` is the loss's T
+    # data modes for causal LMs (hf_kd.data.on_policy); the generation fields sample text, `temperature` is the loss's T
     data_mode: str = field(default="supervised", metadata={"help": "What a causal-LM student trains on: 'supervised' "
                            "(the dataset's tokens), 'sequence_level' (the teacher's completions of the dataset's "
                            "prompts, generated once and cached in generation_cache_dir), 'on_policy' (GKD: with "
                            "probability lmbda a micro-batch's completions are sampled from the current student, "
                            "else the dataset's; the teacher scores every token). Prompt tokens (label -100) are not "
-                           "distilled (hf_kd.prompts makes such rows)."})
+                           "distilled (hf_kd.data.prompts makes such rows)."})
     lmbda: float = field(default=1.0, metadata={"help": "on_policy: probability that a micro-batch is the student's "
                          "own generations (1 = fully on-policy, 0 = supervised, between = mixed; seeded per step)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation (sequence_level, on_policy): most tokens "
@@ -219,12 +187,12 @@ class DistillationConfig(TrainingArguments):
     generation_cache_dir: str | None = field(default=None, metadata={"help": "sequence_level: folder of the cached "
                                              "teacher generations, keyed by teacher, prompts and settings (default: "
                                              "$HF_KD_CACHE, $HF_HOME/hf_kd or ~/.cache/hf_kd, + /teacher_generations)."})
-    # cross-tokenizer distillation (hf_kd.cross_tokenizer, hf_kd.signals.cross_tokenizer)
+    # cross-tokenizer distillation (hf_kd.data.cross_tokenizer, hf_kd.signals.cross_tokenizer)
     cross_tokenizer: str | None = field(default=None, metadata={"help": "Teacher and student with different "
                                         "tokenizers (causal LMs): 'exact' (KL over the tokens both vocabularies "
                                         "share plus one 'other' bucket) or 'uld' (Universal Logit Distillation: "
                                         "L1 between sorted probability vectors). The text is tokenised by both "
-                                        "(hf_kd.cross_tokenizer.CrossTokenizerCollator, raw text rows), compared at "
+                                        "(hf_kd.data.cross_tokenizer.CrossTokenizerCollator, raw text rows), compared at "
                                         "character-aligned positions. None = one tokenizer (different ones are "
                                         "refused)."})
     cross_tokenizer_weight: float | None = field(default=None, metadata={"help": "Weight of the cross-tokenizer term "
@@ -288,7 +256,7 @@ class DistillationConfig(TrainingArguments):
         self._check_data_mode()
 
     def _check_data_mode(self) -> None:
-        from .generation import GenerationSettings
+        from .data.generation import GenerationSettings
         if self.data_mode not in DATA_MODES:
             raise ValueError(f"data_mode {self.data_mode!r} unknown; choose one of {list(DATA_MODES)}")
         if not 0 <= self.lmbda <= 1:
@@ -302,7 +270,7 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_cache is not None or self.teacher_url is not None:
             raise ValueError(f"data_mode={self.data_mode!r} needs the teacher in memory (teacher_model=) to write or "
                              "score new completions; teacher_cache / teacher_url hold targets for fixed tokens only "
-                             "(for sequence_level, make the generations with hf_kd.generation.teacher_generations "
+                             "(for sequence_level, make the generations with hf_kd.data.generation.teacher_generations "
                              "and train on them with data_mode='supervised')")
         if self.kd_positions == "all":
             raise ValueError(f"data_mode={self.data_mode!r} with kd_positions='all' would distil prompt tokens: use "

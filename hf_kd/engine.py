@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .align import padded_to_length, predicting, targets, task_loss_sum
-from .capture import Needs, lm_head_of
+from .flow.align import padded_to_length, predicting, targets, task_loss_sum
+from .flow.capture import Needs, lm_head_of
 from .losses import LOGIT_LOSSES, loss_kwargs
 from .losses.fused import fused_kd_ce
 from .losses.kd_ce import chunked_kd_ce
 from .signals.base import Context
-from .tasks import CAUSAL_LM, MASKED_LM, base_model_of
-from .teacher_cache import CACHE_COLUMNS, cached_kl_sum
+from .flow.tasks import CAUSAL_LM, MASKED_LM, base_model_of
+from .teachers.cache import CACHE_COLUMNS, cached_kl_sum
 
 Tensor = torch.Tensor
 

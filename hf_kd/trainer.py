@@ -2,8 +2,8 @@
 
     L = sum_k w_k(step) * L_k(student, teacher)        (hf_kd.signals: task loss, logit KD, hidden states, ...)
 
-One batch flows one way: align (hf_kd.align: masks and counts) -> one teacher pass and one student pass that keep
-what the signals need (hf_kd.capture) -> the logit signals through the logit engine (hf_kd.engine), the others
+One batch flows one way: align (hf_kd.flow.align: masks and counts) -> one teacher pass and one student pass that keep
+what the signals need (hf_kd.flow.capture) -> the logit signals through the logit engine (hf_kd.engine), the others
 through their own loss_sum -> each divided by its global count -> weighted sum -> backward.
 
 Counts are summed over every micro-batch of the optimizer step and every process, so the loss and its gradients
@@ -21,23 +21,25 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from . import capture, param_groups, placement, reliability
-from .align import COUNT_KEYS, batch_counts, position_masks
-from .checkpoints import AtomicSaveMixin
+from .flow import capture
+from .signals import groups as param_groups
+from .teachers import placement
+from .tools import reliability
+from .flow.align import COUNT_KEYS, batch_counts, position_masks
+from .tools.checkpoints import AtomicSaveMixin
 from .config import DistillationConfig
-from .curriculum import TeacherCurriculum
+from .teachers.curriculum import TeacherCurriculum
 from .engine import LogitEngine, logit_needs
-from .on_policy import setup_data_mode
-from .pairs import load_teachers
-from .schedules import Schedule
-from .served import TopkCollator, connect
+from .data.on_policy import setup_data_mode
+from .teachers.pairs import load_teachers
+from .flow.schedules import Schedule
+from .teachers.served import TopkCollator, connect
 from .signals import WEIGHT_FIELDS, Context, Signal, from_config
-from .signals.base import leaves_parameters_unused
-from .tasks import base_model_of, task_of
-from .teacher_cache import CACHE_COLUMNS, check_cache, load_teacher_cache
-from .cross_tokenizer import CROSS_COLUMNS, CrossTokenizerCollator, prepare as prepare_cross_tokenizer
+from .signals.base import EXTRAS, leaves_parameters_unused
+from .flow.tasks import base_model_of, task_of
+from .teachers.cache import CACHE_COLUMNS, check_cache, load_teacher_cache
+from .data.cross_tokenizer import CROSS_COLUMNS, CrossTokenizerCollator, prepare as prepare_cross_tokenizer
 
-EXTRAS = "hf_kd_signals"  # the student's submodule holding the signals (and their trainable parts)
 EXTRAS_FILE = "hf_kd_extras.pt"  # their state in a checkpoint
 
 
@@ -64,7 +66,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
         if args.teacher_cache is not None:
             dataset, cache_meta = load_teacher_cache(args.teacher_cache)
             kwargs["train_dataset"] = kwargs.get("train_dataset") or dataset
-        elif args.teacher_url is not None:  # the cache's columns per batch, from the server (hf_kd.served)
+        elif args.teacher_url is not None:  # the cache's columns per batch, from the server (hf_kd.teachers.served)
             client, cache_meta = connect(args.teacher_url, student, kwargs.get("processing_class"))
         else:
             if args.cross_tokenizer:  # two tokenizers on purpose: each model reads its own tokenisation of the text
@@ -329,7 +331,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """data_mode='on_policy': an optimizer step's micro-batches may become the student's own generations
-        (hf_kd.on_policy), here, before they are counted, so the global token counts are those trained on."""
+        (hf_kd.data.on_policy), here, before they are counted, so the global token counts are those trained on."""
         batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.on_policy is None:
             return batches, counts
@@ -357,7 +359,7 @@ class DistillationTrainer(AtomicSaveMixin, Trainer):
             self.signals.load_state_dict(state)
         super()._load_optimizer_and_scheduler(checkpoint)
 
-    # ---- reliability: bad input, non-finite losses, interrupts, atomic saves (hf_kd/reliability.py) ---------
+    # ---- reliability: bad input, non-finite losses, interrupts, atomic saves (hf_kd/tools/reliability.py) ---------
     def _reliability_init(self) -> None:
         self._skipped = 0  # micro-batches dropped by nan_policy='skip' (this process)
         self._micro = (-1, -1)  # (global step, micro-batch index within it) of the running training_step

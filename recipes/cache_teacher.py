@@ -3,9 +3,9 @@ train with ``--teacher_cache FOLDER`` and no teacher in memory.
 
     python recipes/cache_teacher.py --output_dir outputs/teacher_cache [--k 32] [--temperature 1.0] [--max_blocks N]
 
-The cache format (columns, metadata, the top-k KL) is :mod:`hf_kd.teacher_cache`. The default cache is made at
+The cache format (columns, metadata, the top-k KL) is :mod:`hf_kd.teachers.cache`. The default cache is made at
 T = 1 and serves any constant training temperature: the top-k is re-tempered at load (exact inside the top-k, the
-tail's share estimated: :func:`hf_kd.teacher_cache.retemper`); a cache made at T is used as is when training at T.
+tail's share estimated: :func:`hf_kd.teachers.cache.retemper`); a cache made at T is used as is when training at T.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 from transformers import HfArgumentParser
 
 from hf_kd.data import pack_for_causal_lm
-from hf_kd.teacher_cache import build_teacher_cache
+from hf_kd.teachers.cache import build_teacher_cache
 from hf_kd_recipes.distill_clm import load_teacher, load_text
 
 

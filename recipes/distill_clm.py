@@ -19,13 +19,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd import DistillationTrainer, make_student
-from hf_kd.assets import load_tales, smollm2_path
+from hf_kd.tools.assets import load_tales, smollm2_path
 from hf_kd.data import pack_for_causal_lm
-from hf_kd.curves import HeldOutCurve
-from hf_kd.experiment import save_and_report, train, train_baseline
-from hf_kd.pairs import load_dtype
-from hf_kd.report import evaluate
-from hf_kd.teacher_cache import reusable_cache
+from hf_kd.tools.curves import HeldOutCurve
+from hf_kd.modes.experiment import save_and_report, train, train_baseline
+from hf_kd.teachers.pairs import load_dtype
+from hf_kd.tools.report import evaluate
+from hf_kd.teachers.cache import reusable_cache
 from hf_kd_recipes.job_args import JobArguments, parse
 
 EMBEDDED = "smollm2"

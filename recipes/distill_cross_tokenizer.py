@@ -1,7 +1,7 @@
 """Distil across tokenizers: SmolLM2-135M-Instruct (byte-level BPE, 49,152 tokens) -> a small Llama with a tokenizer
 of its own, a sentencepiece-style BPE ('▁' marks a space) trained here on the training tales with the `tokenizers`
 library. The student is the teacher's architecture cut to a few layers (make_student) with a new vocabulary whose
-embeddings start as the mean of the teacher's embeddings of each new token's pieces (hf_kd.cross_tokenizer).
+embeddings start as the mean of the teacher's embeddings of each new token's pieces (hf_kd.data.cross_tokenizer).
 
 Each mode trains the same initial student for the same steps on the same text and is scored by held-out perplexity
 under the student's own tokenizer: 'uld' (Universal Logit Distillation), 'exact' (KL over the shared tokens + one
@@ -25,11 +25,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from hf_kd import DistillationTrainer, make_student
-from hf_kd.assets import load_smollm2, load_tales
-from hf_kd.cross_tokenizer import CrossTokenizerCollator, adopt_tokenizer, shared_vocab_map
+from hf_kd.tools.assets import load_smollm2, load_tales
+from hf_kd.data.cross_tokenizer import CrossTokenizerCollator, adopt_tokenizer, shared_vocab_map
 from hf_kd.data import pack_for_causal_lm
-from hf_kd.experiment import train
-from hf_kd.report import evaluate, num_parameters
+from hf_kd.modes.experiment import train
+from hf_kd.tools.report import evaluate, num_parameters
 from hf_kd_recipes.job_args import JobArguments, parse
 
 TASK = "causal_lm"

@@ -23,10 +23,10 @@ import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 from hf_kd import DistillationTrainer, make_student
-from hf_kd.curves import HeldOutCurve
+from hf_kd.tools.curves import HeldOutCurve
 from hf_kd.data import share_rows
-from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
-from hf_kd.report import evaluate
+from hf_kd.modes.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.tools.report import evaluate
 from hf_kd_recipes.image_modes import prepare_teacher_route, run_staged, teachers
 from hf_kd_recipes.image_teacher import LABELS, make_processor, prepare_teacher, splits
 from hf_kd_recipes.job_args import ClassifierJobArguments, parse

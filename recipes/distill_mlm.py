@@ -23,9 +23,9 @@ from transformers import (AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCo
                           DataCollatorWithPadding)
 
 from hf_kd import DistillationTrainer, make_student
-from hf_kd.assets import minilm_path
-from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
-from hf_kd.report import evaluate
+from hf_kd.tools.assets import minilm_path
+from hf_kd.modes.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.tools.report import evaluate
 from hf_kd_recipes.distill_clm import load_text
 from hf_kd_recipes.job_args import JobArguments, parse
 from hf_kd_recipes.mlm_teacher import EMBEDDED, MINILM_ID, chunk_text, masked_batches, prepare_mlm_teacher

@@ -21,10 +21,10 @@ import os
 import torch
 
 from hf_kd import DistillationTrainer, make_student
-from hf_kd.assets import minilm_path
+from hf_kd.tools.assets import minilm_path
 from hf_kd.data import share_rows
-from hf_kd.experiment import save_and_report, torch_threads, train, train_baseline
-from hf_kd.report import evaluate
+from hf_kd.modes.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.tools.report import evaluate
 from hf_kd_recipes.job_args import ClassifierJobArguments, parse
 from hf_kd_recipes.textcls_data import freeze_word_embeddings, labelled_rows, new_classifier, prepare_teacher, splits
 

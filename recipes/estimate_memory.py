@@ -9,7 +9,7 @@ models are instantiated on the meta device, no weights are loaded); ``--student_
 ``--student`` = ``make_student(teacher, num_layers=N)`` (same widths, N layers). Prints teacher and student
 weights, gradients, AdamW state, the student's saved activations, the logit loss's buffers, the teacher's
 forward, communication buffers, their sum and the estimated peak (what coexists), per device; ``--json`` prints
-the same as JSON. The formulas and what is not counted: :mod:`hf_kd.memory`; the measured error:
+the same as JSON. The formulas and what is not counted: :mod:`hf_kd.tools.memory`; the measured error:
 docs/scale_out.md ("Estimate memory before launch").
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from hf_kd.memory import ATTENTIONS, DTYPE_BYTES, KD_IMPLS, PRECISIONS, STRATEGIES, TEACHER_PLACEMENTS, Setup, \
+from hf_kd.tools.memory import ATTENTIONS, DTYPE_BYTES, KD_IMPLS, PRECISIONS, STRATEGIES, TEACHER_PLACEMENTS, Setup, \
     estimate, student_config
 
 
@@ -53,7 +53,7 @@ def load_config(name: str):
     """The config of 'smollm2' (packaged), a folder or a Hub id."""
     from transformers import AutoConfig
     if name == "smollm2":
-        from hf_kd.assets import smollm2_path
+        from hf_kd.tools.assets import smollm2_path
         name = str(smollm2_path())
     return AutoConfig.from_pretrained(name)
 

@@ -12,9 +12,9 @@ import os
 
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_kd.assets import cached_folder, prepared_info
-from hf_kd.chain import born_again_from_labels, chain_vs_direct, make_assistant
-from hf_kd.report import evaluate
+from hf_kd.tools.assets import cached_folder, prepared_info
+from hf_kd.modes.chain import born_again_from_labels, chain_vs_direct, make_assistant
+from hf_kd.tools.report import evaluate
 from hf_kd_recipes.image_teacher import LABELS, TEACHER, accuracy, train_teacher
 
 # a CNN teacher: another architecture than the ViT, trained by the same schedule on the same digits

@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_kd.assets import cached_folder, load_mnist, prepared_info
+from hf_kd.tools.assets import cached_folder, load_mnist, prepared_info
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics
 LABELS = {i: str(i) for i in range(10)}

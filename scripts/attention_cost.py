@@ -24,7 +24,7 @@ def one(attn: str, batch: int, length: int, repeats: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from hf_kd import assets
+    from hf_kd.tools import assets
     from hf_kd.losses import attention_probs_loss
     torch.manual_seed(0)
     path = assets.minilm_path()

@@ -58,10 +58,10 @@ def prepare(spec: dict) -> dict:
     torch = setup_torch(spec["threads"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_kd.assets import load_tales, smollm2_path
+    from hf_kd.tools.assets import load_tales, smollm2_path
     from hf_kd.data import pack_for_causal_lm
-    from hf_kd.student import make_student
-    from hf_kd.teacher_cache import build_teacher_cache
+    from hf_kd.tools.student import make_student
+    from hf_kd.teachers.cache import build_teacher_cache
     work = spec["workdir"]
     os.makedirs(work, exist_ok=True)
     tok_dir = smollm2_path()

@@ -100,7 +100,7 @@ def setup_torch(threads: int):
 def machine_info() -> dict:
     import torch
     import transformers
-    from hf_kd.report import cpu_name
+    from hf_kd.tools.report import cpu_name
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "ram_gb": round(available_gb(), 1), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
     try:

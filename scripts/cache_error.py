@@ -4,14 +4,14 @@
 
 1. For k in --ks (8, 16, 32, 64, 128): bytes per token of a real cache (``build_teacher_cache``, float16
    log-probabilities, int32 ids) and, on held-out tales blocks, the error of the top-k KL
-   (:func:`hf_kd.teacher_cache.topk_kl`) against the exact KL(teacher || student) at the training temperature,
+   (:func:`hf_kd.teachers.cache.topk_kl`) against the exact KL(teacher || student) at the training temperature,
    for the half-depth SmolLM2 student (uniform layers) before training and again after the online run of part 2
    (a student closer to the teacher): relative error of the mean KL, mean
    per-token |relative error|, the teacher's mean tail mass, and the cosine between the gradients w.r.t. the
    student logits of the top-k and the exact loss.
 2. Training: the same student trained --train-steps steps (batch --train-batch x --block-size, same seed, same
    batches) online from the teacher (hf_kd default, kd_impl=auto) and from the cache for each k in --train-ks,
-   plus a CE-only baseline (no teacher); held-out KL(teacher || student) at T=1 (:func:`hf_kd.report.evaluate`).
+   plus a CE-only baseline (no teacher); held-out KL(teacher || student) at T=1 (:func:`hf_kd.tools.report.evaluate`).
    Target: the cache-trained student's KL within 2% of the online one's.
 3. (--precision-runs 1) the same online run with the teacher in bfloat16 (teacher_dtype), and with a bfloat16
    teacher plus bf16 autocast for the student (bf16=True): what lower precision does to the student's result.
@@ -55,11 +55,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from bench_measure import machine_info, save_json
 
-    from hf_kd.assets import load_smollm2, load_tales
+    from hf_kd.tools.assets import load_smollm2, load_tales
     from hf_kd.data import pack_for_causal_lm
     from hf_kd.losses import forward_kl
-    from hf_kd.student import make_student
-    from hf_kd.teacher_cache import build_teacher_cache, topk_kl, topk_targets
+    from hf_kd.tools.student import make_student
+    from hf_kd.teachers.cache import build_teacher_cache, topk_kl, topk_targets
 
     t_start = time.time()
     teacher, tok = load_smollm2()
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from hf_kd import DistillationConfig, DistillationTrainer
-    from hf_kd.report import evaluate
+    from hf_kd.tools.report import evaluate
     train_blocks = pack_for_causal_lm(load_tales("train"), tok, args.block_size,
                                       max_blocks=args.train_steps * args.train_batch)
     eval_batches = [{k: torch.tensor(held[i:i + 8][k]) for k in ("input_ids", "attention_mask", "labels")}

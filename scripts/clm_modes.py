@@ -11,7 +11,7 @@ For each seed, from the same initial student as `hf-kd distill` builds:
   steps x baseline seconds / mode seconds, the mode's seconds counting the teacher's generations and the student's).
 ``on_policy`` uses ``alpha_task=0``: a task loss on the student's own samples would teach it its own text.
 Each run's seconds are the trainer's construction (sequence_level generates there, into a fresh folder) plus its
-training. Metrics on held-out tales: perplexity, KL(teacher || student) and top-1 agreement (``hf_kd.report.
+training. Metrics on held-out tales: perplexity, KL(teacher || student) and top-1 agreement (``hf_kd.tools.report.
 evaluate``), and on the student's sampled continuations (T=1) of held-out prompts the teacher's NLL per token and
 the distinct-2 ratio. Runs are saved to --out as they finish: a rerun skips them (resume). The whole 3-seed
 comparison takes about 1 h 45 min on a 2-core CPU; nothing else should run meanwhile (the step counts come from
@@ -31,10 +31,10 @@ import time
 import torch
 
 from hf_kd import DistillationTrainer
-from hf_kd.experiment import baseline_args, train
-from hf_kd.generation import GenerationSettings, eos_ids_of, generate_completions
-from hf_kd.prompts import pad_id_of
-from hf_kd.report import evaluate, machine
+from hf_kd.modes.experiment import baseline_args, train
+from hf_kd.data.generation import GenerationSettings, eos_ids_of, generate_completions
+from hf_kd.data.prompts import pad_id_of
+from hf_kd.tools.report import evaluate, machine
 from hf_kd_recipes.distill_clm import DEFAULTS, QUICK, TASK, CausalLMJob, prepare, training_rows
 from hf_kd_recipes.job_args import parse
 

@@ -27,10 +27,10 @@ import tempfile
 import time
 
 from hf_kd import DistillationTrainer
-from hf_kd.curves import HeldOutCurve, plot_curves
-from hf_kd.experiment import baseline_args, train
-from hf_kd.report import evaluate, machine
-from hf_kd.teacher_cache import load_teacher_cache
+from hf_kd.tools.curves import HeldOutCurve, plot_curves
+from hf_kd.modes.experiment import baseline_args, train
+from hf_kd.tools.report import evaluate, machine
+from hf_kd.teachers.cache import load_teacher_cache
 from hf_kd_recipes.distill_clm import DEFAULTS, QUICK, TASK, CausalLMJob, prepare, teacher_source
 from hf_kd_recipes.job_args import parse
 
@@ -83,7 +83,7 @@ def calibrate(p, common: list[str], configs: list[str], steps: int = 8, rounds: 
             row = run_one(p, c, 0, steps, common, every=10 ** 6)
             if r:
                 per_step[c].append((row["seconds"] - sum(row["costs"].values())) / row["steps"])
-    from hf_kd.teacher_cache import reusable_cache
+    from hf_kd.teachers.cache import reusable_cache
     job, args = parse(CausalLMJob, common, DEFAULTS, QUICK)
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()[0]

@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 
-from hf_kd.report import machine
+from hf_kd.tools.report import machine
 from hf_kd_recipes import distill_image
 
 FEW = ["--labelled_images", "200"]

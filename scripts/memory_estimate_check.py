@@ -1,4 +1,4 @@
-"""Check hf_kd.memory's estimate (``hf-kd estimate-memory``) against the memory a real DistillationTrainer step takes.
+"""Check hf_kd.tools.memory's estimate (``hf-kd estimate-memory``) against the memory a real DistillationTrainer step takes.
 
     python scripts/memory_estimate_check.py [--cases NAME,...] [--threads 1] [--out results/memory_estimate.json]
                                             [--append] | --reestimate results/memory_estimate.json
@@ -19,7 +19,7 @@ glibc's free heap returned (``malloc_trim``) before each reading:
   allocator slack); the estimate's side: its largest phase minus its activations
 * peak: the largest VmHWM of the three steps minus the baseline (the estimate's ``peak``; ``total`` is the sum)
 
-each compared with ``hf_kd.memory.estimate`` for the same setup (ratio = estimate / measured).
+each compared with ``hf_kd.tools.memory.estimate`` for the same setup (ratio = estimate / measured).
 
 Every case runs twice: with glibc's allocator as it comes ("glibc": what a CPU user sees; freed heap is kept and
 reused only where sizes fit) and with ``MALLOC_MMAP_THRESHOLD_=65536`` ("live": every buffer of 64 KiB or more is
@@ -74,7 +74,7 @@ def models(name: str, attention: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hf_kd import assets
+    from hf_kd.tools import assets
     if name == "smollm2":
         model = AutoModelForCausalLM.from_pretrained(assets.smollm2_path(), dtype=torch.float32,
                                                      attn_implementation=attention)
@@ -173,7 +173,7 @@ def run_case(name: str, threads: int) -> dict:
 
 def full_loss_buffers(threads: int) -> dict:
     """The reference (kd_impl='full') loss alone, forward KL at T = 2 plus the task CE on [4, 128, 49152] logits:
-    peak RSS above the two logits tensors, in float32 [N, V] buffers (hf_kd.memory.FULL_BUFFERS)."""
+    peak RSS above the two logits tensors, in float32 [N, V] buffers (hf_kd.tools.memory.FULL_BUFFERS)."""
     import torch
     import torch.nn.functional as F
 
@@ -198,8 +198,8 @@ def estimate_case(name: str) -> dict:
     """The estimate for a case in MiB, with the measured quantities' counterparts (module doc)."""
     from transformers import AutoConfig, LlamaConfig
 
-    from hf_kd import assets
-    from hf_kd.memory import Setup, estimate, student_config
+    from hf_kd.tools import assets
+    from hf_kd.tools.memory import Setup, estimate, student_config
     teacher_name, layers, batch, seq, impl, precision, teacher_dtype, attention = CASES[name]
     cfg = AutoConfig.from_pretrained(assets.smollm2_path()) if teacher_name == "smollm2" else LlamaConfig(**SYNTH)
     e = estimate(cfg, student_config(cfg, layers), Setup(batch, seq, precision=precision, teacher_dtype=teacher_dtype,
@@ -219,7 +219,7 @@ ALLOCATORS = {"glibc": {}, "live": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
 def compare(row: dict) -> dict:
-    """(Re)compute a row's estimate and its ratios to the stored measurements with the current hf_kd.memory."""
+    """(Re)compute a row's estimate and its ratios to the stored measurements with the current hf_kd.tools.memory."""
     est = estimate_case(row["case"])
     row["estimate_mb"] = {k: round(v, 1) for k, v in est.items()}
     row["ratio_estimate_over_measured"] = {}
@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None)
     parser.add_argument("--reestimate", default=None, metavar="JSON",
                         help="Measure nothing: recompute the estimates and ratios of a results file with the current "
-                             "hf_kd.memory (written back to it, or to --out).")
+                             "hf_kd.tools.memory (written back to it, or to --out).")
     parser.add_argument("--append", action="store_true", help="Keep the other cases already in --out.")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)

@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification  # noqa: E402
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_kd.assets import cached_folder, prepared_info  # noqa: E402
-from hf_kd.report import evaluate  # noqa: E402
-from hf_kd.views import MultiViewCollator, random_shift  # noqa: E402
+from hf_kd.tools.assets import cached_folder, prepared_info  # noqa: E402
+from hf_kd.tools.report import evaluate  # noqa: E402
+from hf_kd.data.views import MultiViewCollator, random_shift  # noqa: E402
 from hf_kd_recipes.distill_image import DEFAULTS, ImageJob, build_student  # noqa: E402
 from hf_kd_recipes.image_teacher import MEAN, STD, TEACHER, make_processor, prepare_teacher, splits  # noqa: E402
 import methods_modes as modes  # noqa: E402

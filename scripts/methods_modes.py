@@ -13,8 +13,8 @@ import shutil
 import tempfile
 import time
 
-from hf_kd.chain import born_again_from_labels, distill_chain, make_assistant
-from hf_kd.report import evaluate
+from hf_kd.modes.chain import born_again_from_labels, distill_chain, make_assistant
+from hf_kd.tools.report import evaluate
 from hf_kd_recipes.image_modes import prepare_resnet_teacher, prepare_teacher_route
 
 BOTH, VIT, TINY = ("resnet", "vit"), ("vit",), ("tiny",)

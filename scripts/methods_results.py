@@ -52,7 +52,7 @@ def merge(path: str, rows: dict | None = None, meta: dict | None = None) -> dict
 
 
 def machine_info() -> dict:
-    from hf_kd.report import cpu_name
+    from hf_kd.tools.report import cpu_name
     cpu = cpu_name()
     import subprocess
     import transformers

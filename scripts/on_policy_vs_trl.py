@@ -41,7 +41,7 @@ def prepare(folder: str, n_rows: int, student_layers: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_kd import make_student
-    from hf_kd.assets import load_tales, smollm2_path
+    from hf_kd.tools.assets import load_tales, smollm2_path
     from hf_kd.data import pack_for_causal_lm
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(smollm2_path())
@@ -81,8 +81,8 @@ def child(case: str, folder: str, warmup: int, steps: int, batch: int, new_token
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from hf_kd.assets import smollm2_path
-    from hf_kd.generation import eos_ids_of
+    from hf_kd.tools.assets import smollm2_path
+    from hf_kd.data.generation import eos_ids_of
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def machine() -> dict:
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-    from hf_kd.report import cpu_name
+    from hf_kd.tools.report import cpu_name
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl_version, "python": platform.python_version()}
 

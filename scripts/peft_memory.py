@@ -1,5 +1,5 @@
 """Memory of LoRA self-distillation: the teacher as a second copy of the base vs SameBaseTeacher (the student's own
-base with its adapters disabled, hf_kd.peft_utils).
+base with its adapters disabled, hf_kd.tools.peft_utils).
 
     python scripts/peft_memory.py [--batch 2] [--length 64] [--out results/peft_memory.json]
 
@@ -35,7 +35,7 @@ def one(way: str, batch: int, length: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from hf_kd import DistillationConfig, DistillationTrainer, assets
-    from hf_kd.peft_utils import SameBaseTeacher, parameter_bytes
+    from hf_kd.tools.peft_utils import SameBaseTeacher, parameter_bytes
     torch.manual_seed(0)
     path = assets.smollm2_path()
     student = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),

@@ -1,4 +1,4 @@
-"""How close re-tempered T = 1 top-k targets (hf_kd.teacher_cache.retemper, used by T = 1 caches and served
+"""How close re-tempered T = 1 top-k targets (hf_kd.teachers.cache.retemper, used by T = 1 caches and served
 teachers) are to the exact top-k targets at the training temperature, on the packaged SmolLM2-135M teacher.
 
     python scripts/retemper_error.py [--tokens 256] [--ks 8,32,128] [--temperatures 1.5,2,3]
@@ -36,8 +36,8 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_kd import make_student
-    from hf_kd.assets import load_tales, smollm2_path
-    from hf_kd.teacher_cache import retemper, topk_kl, topk_targets
+    from hf_kd.tools.assets import load_tales, smollm2_path
+    from hf_kd.teachers.cache import retemper, topk_kl, topk_targets
     path = smollm2_path()
     tok, teacher = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     student = make_student(teacher, num_layers=teacher.config.num_hidden_layers // 2)

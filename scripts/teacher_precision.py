@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     import torch
     torch.set_num_threads(args.threads)
     from bench_measure import Window, machine_info, save_json
-    from hf_kd.assets import load_smollm2, load_tales
+    from hf_kd.tools.assets import load_smollm2, load_tales
     from hf_kd.data import pack_for_causal_lm
     from hf_kd.losses import forward_kl
 

@@ -9,7 +9,7 @@ The teacher lives in recipes/image_teacher.py (recipe TEACHER); it is cached und
 import argparse
 import json
 
-from hf_kd.assets import cache_dir
+from hf_kd.data.cache import cache_dir
 from hf_kd_recipes import image_teacher
 
 

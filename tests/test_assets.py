@@ -1,4 +1,4 @@
-"""Tests for hf_kd.assets: real models and data shipped inside PyPI packages."""
+"""Tests for hf_kd.tools.assets: real models and data shipped inside PyPI packages."""
 
 import importlib.util
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_kd import assets
-from hf_kd.assets import AssetNotFoundError
+from hf_kd.tools import assets
+from hf_kd.tools.assets import AssetNotFoundError
 
 AVAILABLE = assets.available()
 
@@ -206,7 +206,7 @@ def test_smollm2_prepared_folder_is_plain_hf(smollm2_dir, monkeypatch):
 
 
 def test_cached_folder_builds_once_even_with_a_tuple_in_the_recipe(tmp_path, monkeypatch):
-    from hf_kd import assets
+    from hf_kd.tools import assets
     monkeypatch.setenv("HF_KD_CACHE", str(tmp_path))
     builds = []
 

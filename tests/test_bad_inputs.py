@@ -19,7 +19,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassifica
                           ViTForImageClassification)
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student, reliability
-from hf_kd.pairs import load_teacher
+from hf_kd.teachers.pairs import load_teacher
 
 from .conftest import WORDS
 from .scripts.tiny import V, args, llama, one_thread, pair, rows  # noqa: F401  (one_thread: autouse fixture)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_kd import DistillationTrainer
-from hf_kd.experiment import baseline_args
+from hf_kd.modes.experiment import baseline_args
 
 from .scripts.tiny import args, llama, one_thread, pair, rows  # noqa: F401  (one_thread: autouse fixture)
 

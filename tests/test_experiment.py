@@ -1,9 +1,9 @@
-"""hf_kd.experiment's no-teacher baseline: the task loss alone, whatever teacher terms the distillation used."""
+"""hf_kd.modes.experiment's no-teacher baseline: the task loss alone, whatever teacher terms the distillation used."""
 
 import dataclasses
 
 from hf_kd import DistillationConfig
-from hf_kd.experiment import baseline_args
+from hf_kd.modes.experiment import baseline_args
 
 
 def test_baseline_args_turn_every_teacher_term_off(tmp_path):
@@ -24,7 +24,7 @@ def test_baseline_args_turn_every_teacher_term_off(tmp_path):
 
 
 def test_report_flags_a_teacher_no_better_than_the_baseline():
-    from hf_kd.report import markdown, teacher_warnings
+    from hf_kd.tools.report import markdown, teacher_warnings
     worse = {"teacher": {"accuracy": 0.80}, "baseline_no_teacher": {"accuracy": 0.81}}
     (warning,) = teacher_warnings(worse)
     assert "no better" in warning and "0.8" in warning and "0.81" in warning

@@ -5,7 +5,7 @@ few-label preset applies under flags."""
 import pytest
 import torch
 
-from hf_kd import assets
+from hf_kd.tools import assets
 from hf_kd_recipes import distill_image
 from hf_kd_recipes.distill_image import FEW_LABELS, ImageJob, student_data
 

@@ -1,5 +1,6 @@
 """Imports run one way: the applications (recipes/, installed as ``hf_kd_recipes``) use the library ``hf_kd``; the
-library never imports the applications, scripts or tests, and its modules form no import cycle.
+library never imports the applications, scripts or tests, its modules form no import cycle, and inside the library
+imports point down the layers (LAYERS: losses -> flow -> data -> teachers -> signals -> tools -> root -> modes).
 
 Every module is parsed with ``ast``, not imported: every ``import`` / ``from ... import`` anywhere in the file
 (module level, inside functions and classes, under ``if TYPE_CHECKING``) counts, relative imports resolved, and so do
@@ -133,6 +134,48 @@ def test_no_import_cycle_in_the_library():
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle) + "\n" + "\n".join(
         f"  {a} -> {b} at {_where(a, lines[a, b])}" for a, b in zip(cycle, cycle[1:]))
+
+
+# The layers of hf_kd, bottom -> top (docs/architecture.md). A module imports only from its own layer or the layers
+# below it. ROOT_LAYER is the modules directly in hf_kd/ (config, engine, trainer); hf_kd/__init__.py, the public API
+# that also keeps the old import paths (hf_kd.pairs, ...) working, sits above all and no library module imports it.
+ROOT_LAYER = "(root: config, engine, trainer)"
+LAYERS = ("losses", "flow", "data", "teachers", "signals", "tools", ROOT_LAYER, "modes")
+
+
+def layer_of(module: str) -> str:
+    """The layer of an hf_kd module: its folder under hf_kd/, or ROOT_LAYER for the modules directly in hf_kd/."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and _is_package(module)) else ROOT_LAYER
+
+
+def test_every_folder_has_a_layer():
+    folders = {m.split(".")[1] for m in _library_modules() if m.count(".") == 1 and _is_package(m)}
+    assert folders == set(LAYERS) - {ROOT_LAYER}, f"place every folder of hf_kd/ in LAYERS: {sorted(folders)}"
+
+
+def test_imports_point_down_the_layers():
+    """Every import between hf_kd modules stays in its layer or goes down: losses -> flow -> data -> teachers ->
+    signals -> tools -> root (config, engine, trainer) -> modes, bottom to top (printed with -s)."""
+    print("hf_kd layers, bottom -> top:", " -> ".join(LAYERS), "; hf_kd/__init__.py above all")
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    bad = []
+    for m in _library_modules():
+        if m == LIBRARY:
+            continue
+        for target, _, line in imports_of(m):
+            if target == LIBRARY:
+                bad.append(f"{_where(m, line)} imports the package hf_kd (the public API): import the module itself")
+            elif target.split(".")[0] == LIBRARY and rank[layer_of(target)] > rank[layer_of(m)]:
+                bad.append(f"{_where(m, line)}: {layer_of(m)} imports {target} of the higher layer {layer_of(target)}")
+    assert not bad, ("imports must point down " + " -> ".join(LAYERS) + " (move the piece down, never import up):\n"
+                     + "\n".join(dict.fromkeys(bad)))
+
+
+def test_layer_of():
+    assert [layer_of(m) for m in ("hf_kd.losses", "hf_kd.losses.logits", "hf_kd.trainer", "hf_kd.modes.chain",
+                                  "hf_kd.tools.metric_modules.f1.f1")] == ["losses", "losses", ROOT_LAYER, "modes",
+                                                                           "tools"]
 
 
 def test_losses_import_only_torch_stdlib_and_losses():

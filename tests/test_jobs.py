@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hf_kd import assets
+from hf_kd.tools import assets
 
 AVAILABLE = assets.available()
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_recipe_yaml_and_seeds_script(tmp_path):
 @needs("smollm2", "tales")
 def test_cache_teacher_command(tmp_path):
     """`hf-kd cache-teacher` (recipes/cache_teacher.py) stores the teacher's top-k in the library's cache format."""
-    from hf_kd.teacher_cache import CACHE_COLUMNS, load_teacher_cache
+    from hf_kd.teachers.cache import CACHE_COLUMNS, load_teacher_cache
     from hf_kd_recipes import cli
     out = tmp_path / "cache"
     assert cli.main(["cache-teacher", "--output_dir", str(out), "--max_blocks", "2", "--block_size", "16", "--k", "4",

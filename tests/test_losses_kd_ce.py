@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hf_kd.losses import LOGIT_LOSSES
 from hf_kd.losses.kd_ce import chunked_kd_ce
-from hf_kd.teacher_cache import topk_kl, topk_targets
+from hf_kd.teachers.cache import topk_kl, topk_targets
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("mse", 0.5)]
 

@@ -1,4 +1,4 @@
-"""hf_kd.memory (``hf-kd estimate-memory``): the arithmetic on cases checkable by hand or against real tensors."""
+"""hf_kd.tools.memory (``hf-kd estimate-memory``): the arithmetic on cases checkable by hand or against real tensors."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_kd.memory import CHUNK_BUFFERS, FULL_BUFFERS, ModelShape, Setup, estimate, student_config
+from hf_kd.tools.memory import CHUNK_BUFFERS, FULL_BUFFERS, ModelShape, Setup, estimate, student_config
 from hf_kd_recipes import cli, estimate_memory
 
 

@@ -1,10 +1,10 @@
-"""hf_kd.metrics: compression, measured speedup, the teacher-student gap and held-out learning curves."""
+"""hf_kd.tools.metrics: compression, measured speedup, the teacher-student gap and held-out learning curves."""
 
 import pytest
 import torch
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.metrics import HeldOutCurve, compression_ratio, gap, num_parameters, speedup
+from hf_kd.tools.metrics import HeldOutCurve, compression_ratio, gap, num_parameters, speedup
 
 from .scripts.tiny import args, pair, rows
 from .test_signals_features import bert, texts

@@ -1,5 +1,5 @@
 """`evaluate` metrics, offline: hf_kd's shipped metric modules (accuracy, f1, precision, recall) against values
-worked out by hand, hf_kd.metrics.load_metric, a Trainer's compute_metrics (classification and the causal shift),
+worked out by hand, hf_kd.tools.metrics.load_metric, a Trainer's compute_metrics (classification and the causal shift),
 and a job's --metric in its report."""
 
 import json
@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, EvalPrediction
 
 from hf_kd import DistillationConfig, DistillationTrainer, assets, metric_modules
-from hf_kd.metrics import (compute_metric, load_metric, logits_to_predictions, metric_on_batches,
+from hf_kd.tools.metrics import (compute_metric, load_metric, logits_to_predictions, metric_on_batches,
                            predictions_and_references, trainer_metrics)
 
 evaluate = pytest.importorskip("evaluate")

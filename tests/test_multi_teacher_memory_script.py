@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_kd import assets
+from hf_kd.tools import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Data modes (hf_kd.on_policy, hf_kd.generation): on-policy batches really are the student's generations, lmbda is
+"""Data modes (hf_kd.data.on_policy, hf_kd.data.generation): on-policy batches really are the student's generations, lmbda is
 respected (and reproducible), prompts are never distilled, generation leaves the student in train mode; the
 sequence-level teacher generations are made once, cached and resumable; vLLM is refused where it cannot run."""
 
@@ -10,9 +10,9 @@ import torch
 from datasets import Dataset
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.generation import GenerationSettings, generate_completions, teacher_generations
-from hf_kd.on_policy import OnPolicy
-from hf_kd.prompts import IGNORE, PromptCollator, tokenize_prompts
+from hf_kd.data.generation import GenerationSettings, generate_completions, teacher_generations
+from hf_kd.data.on_policy import OnPolicy
+from hf_kd.data.prompts import IGNORE, PromptCollator, tokenize_prompts
 from .scripts.tiny import args, llama, losses, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from .test_prompts import chat_tokenizer, pairs
 
@@ -260,7 +260,7 @@ def test_use_vllm_is_refused_without_vllm_on_a_gpu(tmp_path):
 
 @pytest.mark.skipif(not VLLM_READY, reason="vLLM needs a GPU / is not installed")
 def test_vllm_generates_the_completions(tmp_path):  # pragma: no cover - GPU machines with vLLM only
-    from hf_kd.generation import VLLMGenerator
+    from hf_kd.data.generation import VLLMGenerator
     student = llama(hidden=64, layers=2, seed=1).cuda()
     generator = VLLMGenerator(student)
     try:

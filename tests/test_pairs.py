@@ -1,4 +1,4 @@
-"""hf_kd.pairs: the teacher dtype choice ('auto' loads in bf16 on native-bf16 hardware and never casts a model
+"""hf_kd.teachers.pairs: the teacher dtype choice ('auto' loads in bf16 on native-bf16 hardware and never casts a model
 object; an explicit dtype casts), and the trainer applying it."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student
-from hf_kd import pairs
-from hf_kd.pairs import cast_teacher, load_dtype
+from hf_kd.teachers import pairs
+from hf_kd.teachers.pairs import cast_teacher, load_dtype
 
 from .test_trainer import CAUSAL, padded_rows
 

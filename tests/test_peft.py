@@ -45,7 +45,7 @@ def test_lora_student_merges_into_a_plain_folder_that_pipeline_loads(tmp_path, t
     from transformers import AutoModelForCausalLM, pipeline
 
     from hf_kd import DistillationTrainer
-    from hf_kd.peft_utils import merge_student
+    from hf_kd.tools.peft_utils import merge_student
     teacher, _ = pair()
     student = lora(make_student(teacher, num_layers=2))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=rows(),
@@ -75,7 +75,7 @@ def test_same_base_teacher_is_the_base_with_adapters_off_and_one_copy_of_the_wei
     import copy
 
     from hf_kd import DistillationTrainer
-    from hf_kd.peft_utils import SameBaseTeacher, parameter_bytes
+    from hf_kd.tools.peft_utils import SameBaseTeacher, parameter_bytes
     from tests.scripts.tiny import llama
     base = llama(layers=2)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -109,7 +109,7 @@ def test_same_base_teacher_is_the_base_with_adapters_off_and_one_copy_of_the_wei
 
 
 def test_qlora_student_needs_a_gpu_and_bitsandbytes():
-    from hf_kd.peft_utils import qlora_student
+    from hf_kd.tools.peft_utils import qlora_student
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA GPU"):
             qlora_student("unused", peft.LoraConfig(r=4))
@@ -119,7 +119,7 @@ def test_qlora_student_needs_a_gpu_and_bitsandbytes():
 def test_qlora_student_trains_with_its_base_as_teacher(tmp_path):
     pytest.importorskip("bitsandbytes")
     from hf_kd import DistillationTrainer
-    from hf_kd.peft_utils import SameBaseTeacher, qlora_student
+    from hf_kd.tools.peft_utils import SameBaseTeacher, qlora_student
     from tests.scripts.tiny import llama
     llama(hidden=64, layers=2).save_pretrained(str(tmp_path / "base"))
     student = qlora_student(str(tmp_path / "base"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -52,7 +52,7 @@ def test_fsdp_on_one_process_places_the_teacher_whole(tmp_path):
     """Under FSDP with one process there is nothing to shard over: 'auto' places the teacher whole (it used to call
     shard_teacher, which refuses one process, so the shipped FSDP2 config failed on one GPU)."""
     from accelerate import Accelerator
-    from hf_kd.placement import local_fraction, prepare_teacher
+    from hf_kd.teachers.placement import local_fraction, prepare_teacher
     teacher, _ = tiny.pair()
     args = tiny.args(tmp_path)  # before the Accelerator: TrainingArguments resets the accelerate state
     accelerator = Accelerator(cpu=True)

@@ -1,4 +1,4 @@
-"""Prompt-completion data (hf_kd.prompts): prompt/completion strings, chat-template conversations, padding for
+"""Prompt-completion data (hf_kd.data.prompts): prompt/completion strings, chat-template conversations, padding for
 training (right) and generation (left), and the guarantee that prompt tokens are never distilled."""
 
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.prompts import IGNORE, PromptCollator, prompt_only, split_batch, tokenize_prompts
+from hf_kd.data.prompts import IGNORE, PromptCollator, prompt_only, split_batch, tokenize_prompts
 from .scripts.tiny import args, llama, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[USER]", "[ASSISTANT]", "[END]"]

@@ -1,4 +1,4 @@
-"""hf_kd.quantize: an int8 dynamically quantised copy of a teacher stays close to the float teacher, leaves the
+"""hf_kd.teachers.quantize: an int8 dynamically quantised copy of a teacher stays close to the float teacher, leaves the
 user's model unchanged, and works as a DistillationTrainer teacher."""
 
 import math
@@ -12,7 +12,7 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
                           ViTForImageClassification)
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student
-from hf_kd.quantize import quantised_linear_names, quantize_teacher, weight_bytes
+from hf_kd.teachers.quantize import quantised_linear_names, quantize_teacher, weight_bytes
 
 # Bound on the mean token KL(float || int8) at T=1. The models below use initializer_range=0.1 so their logits are
 # spread (std ~0.8, entropy ~3.4 nats of at most 3.7) rather than near-uniform (0.02: std 0.15, KL ~1e-5 says little).

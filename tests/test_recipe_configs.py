@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_kd import assets
+from hf_kd.tools import assets
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("image_*.yaml"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student
-from hf_kd.schedules import schedule_fraction
+from hf_kd.flow.schedules import schedule_fraction
 
 from .test_trainer import CAUSAL, padded_rows
 

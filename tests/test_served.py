@@ -1,7 +1,7 @@
-"""A teacher served from another process (hf_kd.served, `hf-kd serve-teacher`): the served top-k equals the
+"""A teacher served from another process (hf_kd.teachers.served, `hf-kd serve-teacher`): the served top-k equals the
 in-process one, a trainer against the server equals a trainer on the offline cache, a dead server gives an error
 naming its URL (and a restarted one works again), a server with another vocabulary or tokenizer is refused; the
-re-tempering of T = 1 targets (hf_kd.teacher_cache.retemper) is exact at T = 1 and close otherwise."""
+re-tempering of T = 1 targets (hf_kd.teachers.cache.retemper) is exact at T = 1 and close otherwise."""
 
 import importlib.util
 import os
@@ -15,8 +15,8 @@ import torch
 from transformers import default_data_collator
 
 from hf_kd import DistillationTrainer
-from hf_kd.served import TeacherClient, TeacherServerDown, TopkServer, tokenizer_fingerprint
-from hf_kd.teacher_cache import build_teacher_cache, retemper, topk_kl, topk_targets
+from hf_kd.teachers.served import TeacherClient, TeacherServerDown, TopkServer, tokenizer_fingerprint
+from hf_kd.teachers.cache import build_teacher_cache, retemper, topk_kl, topk_targets
 from .scripts.tiny import args, llama, losses, one_thread, rows  # noqa: F401  (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student
-from hf_kd.align import batch_counts, position_masks
-from hf_kd.capture import Needs
-from hf_kd.schedules import Schedule
+from hf_kd.flow.align import batch_counts, position_masks
+from hf_kd.flow.capture import Needs
+from hf_kd.flow.schedules import Schedule
 from hf_kd.signals import Signal
 
 from .scripts.tiny import args as tiny_args
@@ -104,7 +104,7 @@ def test_create_optimizer_is_idempotent(tmp_path):
 def test_cache_checks_read_the_schedule_peak(tmp_path):
     """With a teacher cache, a hidden-state loss scheduled 0 -> 1 used to be silently never computed, and a jsd
     kd_loss whose weight starts at 0 silently trained forward KL: both are refused at construction now."""
-    from hf_kd.teacher_cache import build_teacher_cache
+    from hf_kd.teachers.cache import build_teacher_cache
     teacher, student = pair()
     data = rows(n=4, labels=True)
     cache = str(tmp_path / "cache")

@@ -1,11 +1,12 @@
-"""Tests for hf_kd.student: layer discovery, layer selection, weight copying and provenance."""
+"""Tests for hf_kd.tools.student: layer discovery, layer selection, weight copying and provenance."""
 
 import pytest
 import torch
 import transformers as T
 from torch import nn
 
-from hf_kd.student import find_layers, layer_importance, make_student, select_layers
+from hf_kd.flow.layers import find_layers
+from hf_kd.tools.student import layer_importance, make_student, select_layers
 
 LAYERS = 4
 DECODER = dict(

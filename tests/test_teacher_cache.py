@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_kd.losses import forward_kl
-from hf_kd.teacher_cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache, topk_kl, topk_targets
+from hf_kd.teachers.cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache, topk_kl, topk_targets
 
 
 def rand(*shape, seed=0, scale=3.0):
@@ -94,7 +94,7 @@ def test_trainer_trains_from_cache_with_no_teacher(tmp_path):
 
 
 def test_a_reusable_cache_is_made_once_and_keyed_by_content(tmp_path):
-    from hf_kd.teacher_cache import reusable_cache
+    from hf_kd.teachers.cache import reusable_cache
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=64))

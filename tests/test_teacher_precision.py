@@ -15,8 +15,8 @@ from transformers import (BertConfig, BertForSequenceClassification, DataCollato
                           ResNetConfig, ResNetForImageClassification)
 
 from hf_kd import DistillationConfig, DistillationTrainer, make_student
-from hf_kd.pairs import NATIVE_BF16_ENV
-from hf_kd.report import evaluate
+from hf_kd.teachers.pairs import NATIVE_BF16_ENV
+from hf_kd.tools.report import evaluate
 
 from .test_trainer import CAUSAL, MASKED, image_dataset, padded_rows, text_dataset, vit
 
@@ -179,7 +179,7 @@ def test_an_explicit_teacher_dtype_casts_in_place_with_a_warning(tmp_path):
 
 @pytest.mark.parametrize("stages", ["chain", "born_again"])
 def test_chain_and_born_again_with_a_bfloat16_teacher(stages, tmp_path):
-    from hf_kd.chain import born_again, distill_chain
+    from hf_kd.modes.chain import born_again, distill_chain
     teacher = vit(4).to(BF16)
     snap = snapshot(teacher)
     seen = []
@@ -195,7 +195,7 @@ def test_chain_and_born_again_with_a_bfloat16_teacher(stages, tmp_path):
 
 
 def test_a_cache_made_by_a_bfloat16_teacher_trains(tmp_path):
-    from hf_kd.teacher_cache import build_teacher_cache
+    from hf_kd.teachers.cache import build_teacher_cache
     teacher = CAUSAL["llama"]().to(BF16)
     build_teacher_cache(teacher, padded_rows(), str(tmp_path / "cache"), k=8, temperature=1.0, batch_size=4)
     trainer = DistillationTrainer(model=make_student(CAUSAL["llama"](), num_layers=1),

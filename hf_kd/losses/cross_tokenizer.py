@@ -1,5 +1,5 @@
 """Logit losses across tokenizers: a teacher and a student whose vocabularies differ, compared row by row at positions
-where both predict the token that starts at the same character (:mod:`hf_kd.cross_tokenizer` finds those positions
+where both predict the token that starts at the same character (:mod:`hf_kd.data.cross_tokenizer` finds those positions
 and the shared tokens). Pure functions of tensors; every one returns one value per row (position), the caller sums.
 
 ``student_logits`` [P, V_S] and ``teacher_logits`` [P, V_T] are the two models' logits at the P aligned positions.

@@ -14,7 +14,7 @@ so no [N, V] tensor ever exists, in the forward or the backward pass. Only dL/dh
 Both sums come from one pass. Their gradients are stored as one combination kd_coef * dKD + ce_coef * dCE
 (the caller's loss weights over their counts, known before the forward pass), and the function returns that
 weighted loss itself, plus the two sums detached for logging. The teacher side is a constant (no gradient).
-The model glue (finding the heads, running a model without its logits) is in :mod:`hf_kd.capture`.
+The model glue (finding the heads, running a model without its logits) is in :mod:`hf_kd.flow.capture`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ any leading shape) runs through it too. The fused path (:mod:`hf_kd.losses.fused
 
 The teacher is either dense logits [N, V_T] (any ``kind`` of :mod:`hf_kd.losses.chunked`) or an offline
 top-k cache (ids [N, k], log-probabilities [N, k] at T, log tail mass [N]; forward KL with the tail as one
-bucket, :mod:`hf_kd.teacher_cache`). For the cache, with q = softmax(z_S / T), K the cached ids, p their
+bucket, :mod:`hf_kd.teachers.cache`). For the cache, with q = softmax(z_S / T), K the cached ids, p their
 teacher probabilities, r the teacher's tail mass and q_rest = 1 - sum_K q:
 
     dKD/dz_S = T (q - p~),   p~_v = p_v for v in K,   p~_v = q_v r / q_rest otherwise

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..schedules import Schedule, from_args
-from ..tasks import ENCODER
+from ..flow.schedules import Schedule, from_args
+from ..flow.tasks import ENCODER
 from .attention import AttentionProbs, AttentionTransfer
 from .base import Context, Signal
 from .cross_tokenizer import CrossTokenizerKD, cross_tokenizer_signals
@@ -16,6 +16,7 @@ from .hints import Hint
 from .hidden import (HiddenStates, SimilarityPreserving, build_projections, check_layer_map, default_layer_map,
                      layer_pairs_for)
 from .logits import LogitKD, TaskLoss
+from .maps import parse_layer_map, parse_module_pairs
 from .mutual import MutualLearning
 from .self_distill import SelfDistillation
 
@@ -76,7 +77,6 @@ def _mixture_of(args, teachers: dict) -> dict:
 
 
 def _feature_signals(args, teacher, student) -> list[Signal]:
-    from ..config import parse_layer_map, parse_module_pairs
     out = []
     if args.hint_weight > 0:
         out.append(Hint("hint", args.hint_weight, pairs=parse_module_pairs(args.hint_layers),

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from ..capture import Needs
+from ..flow.capture import Needs
 from ..losses import attention_probs_loss, attention_transfer
 from .base import Context, Signal
 from .hints import as_map, probe_pairs

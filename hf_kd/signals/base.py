@@ -1,11 +1,11 @@
 """The signal abstraction: one distillation term of the loss.
 
 The trainer's loss is ``sum_k w_k(step) * L_k``. A signal is one term: it declares what it needs from the teacher
-and the student (:class:`hf_kd.capture.Needs`), computes a *sum* over what it counts from one batch's
+and the student (:class:`hf_kd.flow.capture.Needs`), computes a *sum* over what it counts from one batch's
 :class:`Context` with a pure loss function of tensors, and says which global count divides that sum
 (``normalizer``: 'task', 'kd' or 'hidden' positions, 'examples' or micro-'batches'; counted over all
 gradient-accumulation micro-batches and processes, so the loss does not depend on how a batch is split). Its
-weight is a :class:`hf_kd.schedules.Schedule`. A signal is an ``nn.Module``: its trainable parts (projections,
+weight is a :class:`hf_kd.flow.schedules.Schedule`. A signal is an ``nn.Module``: its trainable parts (projections,
 adapters, discriminators) are trained, clipped, synchronised and checkpointed with the student, and never saved
 into the student folder.
 
@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..align import COUNT_KEYS
-from ..capture import Captured, Needs
-from ..schedules import Schedule
+from ..flow.align import COUNT_KEYS
+from ..flow.capture import Captured, Needs
+from ..flow.schedules import Schedule
+
+EXTRAS = "hf_kd_signals"  # the student's submodule holding the signals (and their trainable parts); see the trainer
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Context:
     task: str
     inputs: dict  # the model inputs (no labels)
     labels: torch.Tensor | None
-    masks: dict  # hf_kd.align.position_masks
+    masks: dict  # hf_kd.flow.align.position_masks
     student: Captured
     teacher: Captured | None  # the default teacher's pass
     step: int = 0
@@ -89,7 +91,7 @@ class Signal(nn.Module):
         return [self.teacher or default]
 
     def optimizer_groups(self) -> list:
-        """Parameters of this signal that train with settings of their own (hf_kd.param_groups.OwnGroup)."""
+        """Parameters of this signal that train with settings of their own (hf_kd.signals.groups.OwnGroup)."""
         return []
 
     def log_values(self) -> dict:

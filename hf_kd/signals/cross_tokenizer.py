@@ -1,7 +1,7 @@
 """Cross-tokenizer logit distillation: a teacher whose tokenizer differs from the student's (``cross_tokenizer``).
 
 The signal runs the teacher itself, on the teacher's own tokenisation of the batch text (``teacher_input_ids``, made by
-:class:`hf_kd.cross_tokenizer.CrossTokenizerCollator`): it asks nothing of the trainer's generic teacher pass (which
+:class:`hf_kd.data.cross_tokenizer.CrossTokenizerCollator`): it asks nothing of the trainer's generic teacher pass (which
 would feed the student's ids to the teacher). At the aligned positions (both tokenisations end a token at the same
 character) it compares the two next-token distributions with :func:`hf_kd.losses.cross_tokenizer.shared_support_kl`
 ('exact': the shared tokens plus one 'other' bucket) or :func:`hf_kd.losses.cross_tokenizer.uld_loss` ('uld').
@@ -15,12 +15,12 @@ import logging
 
 import torch
 
-from .. import capture
-from ..capture import Needs
-from ..cross_tokenizer import shared_vocab_map
+from ..flow import capture
+from ..flow.capture import Needs
+from ..data.cross_tokenizer import shared_vocab_map
 from ..losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, shared_mass, shared_support_kl, uld_loss
-from ..schedules import Schedule, from_args
-from ..tasks import CAUSAL_LM, task_of
+from ..flow.schedules import Schedule, from_args
+from ..flow.tasks import CAUSAL_LM, task_of
 from .base import Context, Signal
 from .logits import TaskLoss
 
@@ -91,7 +91,7 @@ class CrossTokenizerKD(Signal):
         cross = ctx.extra.get("cross") or {}
         if "align_student" not in cross:
             raise ValueError("cross_tokenizer: the batch has no teacher_input_ids / align_* columns: use "
-                             "hf_kd.cross_tokenizer.CrossTokenizerCollator as data_collator, on raw text")
+                             "hf_kd.data.cross_tokenizer.CrossTokenizerCollator as data_collator, on raw text")
         a_s, a_t = cross["align_student"], cross["align_teacher"]
         valid = a_s >= 0
         rows = torch.arange(a_s.shape[0], device=a_s.device)[:, None].expand_as(a_s)[valid]

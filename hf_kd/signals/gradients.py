@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..capture import Needs, dummy_inputs
+from ..flow.capture import Needs, dummy_inputs
 from ..losses import great_discriminator_loss, great_generator_loss, input_gradient_matching, match_spatial
-from ..tasks import base_model_of
+from ..flow.tasks import base_model_of
 from .base import Context, Signal
 from .hints import as_map, module_adapters
 

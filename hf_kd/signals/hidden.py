@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..capture import Needs
+from ..flow.capture import Needs
 from ..losses import HIDDEN_LOSSES
 from ..losses.relational import pooled, similarity_preserving
-from ..tasks import hidden_width, num_hidden_states
+from ..flow.tasks import hidden_width, num_hidden_states
 from .base import Context, Signal
 
 

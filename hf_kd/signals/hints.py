@@ -20,8 +20,8 @@ import math
 import torch
 from torch import nn
 
-from ..capture import Needs, find_module, probe_shapes
-from ..tasks import base_model_of
+from ..flow.capture import Needs, find_module, probe_shapes
+from ..flow.tasks import base_model_of
 from ..losses import hint_loss, match_spatial
 from .base import Context, Signal
 

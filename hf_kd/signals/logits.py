@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..align import padded_to_length, targets
-from ..capture import Needs
+from ..flow.align import padded_to_length, targets
+from ..flow.capture import Needs
 from ..losses import LOGIT_LOSSES
 from ..losses.multi import confidence_weights, mixture_logits
-from ..schedules import Schedule
+from ..flow.schedules import Schedule
 from .base import Context, Signal
 
 MIXINGS = ("fixed", "learned", "confidence", "entropy")

@@ -15,11 +15,11 @@ import os
 import torch
 from torch import nn
 
-from ..align import predicting, task_loss_sum
-from ..capture import Needs
+from ..flow.align import predicting, task_loss_sum
+from ..flow.capture import Needs
 from ..losses import forward_kl
-from ..param_groups import OwnGroup
-from ..tasks import base_model_of, task_of
+from .groups import OwnGroup
+from ..flow.tasks import base_model_of, task_of
 from .base import Context, Signal
 
 

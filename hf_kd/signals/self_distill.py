@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import Needs
+from ..flow.capture import Needs
 from ..losses import forward_kl
-from ..tasks import CLASSIFICATION, hidden_width, num_hidden_states, task_of
+from ..flow.tasks import CLASSIFICATION, hidden_width, num_hidden_states, task_of
 from .base import Context, Signal
 
 

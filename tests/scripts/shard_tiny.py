@@ -13,7 +13,7 @@ import torch.distributed as dist  # noqa: E402
 
 import tiny  # noqa: E402
 from hf_kd import DistillationTrainer  # noqa: E402
-from hf_kd.placement import local_fraction  # noqa: E402
+from hf_kd.teachers.placement import local_fraction  # noqa: E402
 
 
 def world():
