@@ -113,7 +113,9 @@ def cast_teacher(teacher, choice: str) -> None:
         return
     dtype = getattr(torch, choice)
     param = next((p for p in teacher.parameters() if p.is_floating_point()), None)
-    if param is not None and param.dtype != dtype:
+    if param is None:  # no weights of its own (e.g. peft_utils.SameBaseTeacher): its .to says whether it can
+        teacher.to(dtype)
+    elif param.dtype != dtype:
         warnings.warn(f"teacher_dtype={choice!r} casts the teacher object you passed from {param.dtype} to {dtype} "
                       "in place (it stays so after training); load it in that dtype, or keep teacher_dtype='auto', "
                       "to leave it unchanged", stacklevel=3)
