@@ -15,6 +15,12 @@ from .test_trainer import CAUSAL, padded_rows
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def real_hardware_check(monkeypatch):
+    """These tests check the hardware check itself: CI also runs this file with HF_KD_NATIVE_BF16 forcing it."""
+    monkeypatch.delenv(pairs.NATIVE_BF16_ENV, raising=False)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_loads_in_bf16_only_on_native_bf16_and_never_casts_an_object(monkeypatch, native):
     monkeypatch.setattr(pairs, "native_bf16", lambda device: native)
