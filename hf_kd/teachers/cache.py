@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow.align import predicting
+from ..flow.tasks import CAUSAL_LM, CLASSIFICATION, task_of
 from ..data.cache import cache_dir
 from ..losses.kd_ce import log1mexp
 from ..losses.logits import reduce
@@ -114,25 +115,36 @@ def check_cache(meta: dict, student, signals, task: str) -> None:
                             "temperature 1, which serves every temperature)")
         if sig.kind != "forward_kl":  # checked whatever its weight, also one that starts at 0
             problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {sig.kind!r}")
-    if meta["vocab_size"] != student.config.vocab_size:
-        problems.append(f"cache vocabulary {meta['vocab_size']} != student vocabulary {student.config.vocab_size}")
-    if task != "causal_lm":
-        problems.append(f"teacher caches are made for causal LMs; this student is a {task} model")
+    if task not in (CAUSAL_LM, CLASSIFICATION) or meta.get("task", CAUSAL_LM) != task:
+        problems.append(f"the targets were made by a {meta.get('task', CAUSAL_LM)} teacher; this student is a {task} "
+                        "model (caches serve causal LMs and sequence classifiers)")
+    elif meta["vocab_size"] != output_size(student):
+        problems.append(f"cache vocabulary {meta['vocab_size']} != student vocabulary {output_size(student)}")
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def output_size(model) -> int:
+    """The number of classes a model's logits range over: the vocabulary of a language model, the labels of a
+    sequence / image classifier."""
+    c = model.config
+    return c.num_labels if task_of(model) == CLASSIFICATION else c.vocab_size
 
 
 @torch.inference_mode()
 def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, temperature: float = 2.0,
                         storage_dtype: str = "float16", batch_size: int = 8, teacher_name: str = "") -> dict:
-    """Add the cache columns to ``dataset`` (equal-length input_ids blocks) and save it with metadata.
+    """Add the cache columns to ``dataset`` (equal-length input_ids rows) and save it with metadata.
 
-    Written to a temporary folder and renamed, so ``output_dir`` is complete or absent.
+    A causal LM's cache holds k targets per token ([T, k] per row); a sequence classifier's one per example ([k]
+    per row: with k = its number of labels the cache is the teacher's exact distribution). Written to a temporary
+    folder and renamed, so ``output_dir`` is complete or absent.
     """
     from datasets import Dataset, Sequence, Value
     from tqdm.auto import tqdm
-    if k <= 0 or k > teacher.config.vocab_size:
-        raise ValueError(f"k must be in 1..{teacher.config.vocab_size}, got {k}")
+    size, causal = output_size(teacher), task_of(teacher) == CAUSAL_LM
+    if k <= 0 or k > size:
+        raise ValueError(f"k must be in 1..{size} (the teacher's {'vocabulary' if causal else 'labels'}), got {k}")
     if storage_dtype not in ("float16", "float32"):
         raise ValueError(f"storage_dtype must be float16 or float32, got {storage_dtype!r}")
     np_dtype, began, cpu_began, training = storage_dtype, time.perf_counter(), time.process_time(), teacher.training
@@ -142,24 +154,23 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
         batch = dataset[start:start + batch_size]
         ids = torch.tensor(batch["input_ids"])
         attn = torch.tensor(batch["attention_mask"]) if "attention_mask" in batch else None
-        logits = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        top_ids, top_lp, tail = topk_targets(logits, k, temperature)
-        for i in range(ids.shape[0]):
-            rows["teacher_topk_ids"].append(top_ids[i].to(torch.int32).tolist())
-            rows["teacher_topk_logprobs"].append(top_lp[i].tolist())
-            rows["teacher_tail_logmass"].append(tail[i].tolist())
+        logits = teacher(input_ids=ids, attention_mask=attn, **({"use_cache": False} if causal else {})).logits
+        for column, values in zip(CACHE_COLUMNS, topk_targets(logits, k, temperature)):
+            rows[column] += (values.to(torch.int32) if column == CACHE_COLUMNS[0] else values).tolist()
     teacher.train(training)
+    per_row = (lambda v: Sequence(v)) if causal else (lambda v: v)  # one target per token, or per example
     features = dataset.features.copy()
-    features["teacher_topk_ids"] = Sequence(Sequence(Value("int32"), length=k))  # fixed size: no offsets
-    features["teacher_topk_logprobs"] = Sequence(Sequence(Value(np_dtype), length=k))
-    features["teacher_tail_logmass"] = Sequence(Value(np_dtype))
+    features["teacher_topk_ids"] = per_row(Sequence(Value("int32"), length=k))  # fixed size: no offsets
+    features["teacher_topk_logprobs"] = per_row(Sequence(Value(np_dtype), length=k))
+    features["teacher_tail_logmass"] = per_row(Value(np_dtype))
     cached = Dataset.from_dict({**dataset.to_dict(), **rows}, features=features)
     tmp = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     cached.save_to_disk(tmp)
     tokens = len(dataset) * len(dataset[0]["input_ids"])
-    meta = {"k": k, "temperature": temperature, "storage_dtype": storage_dtype, "vocab_size": teacher.config.vocab_size,
-            "teacher": teacher_name, "tokens": tokens,
+    positions = tokens if causal else len(dataset)  # targets held
+    meta = {"k": k, "temperature": temperature, "storage_dtype": storage_dtype, "vocab_size": size,
+            "task": task_of(teacher), "teacher": teacher_name, "tokens": tokens, "positions": positions,
             "cache_bytes_per_token": _column_bytes(cached, CACHE_COLUMNS) / tokens,
             "disk_bytes_per_token": _dir_bytes(tmp) / tokens, "build_seconds": time.perf_counter() - began,
             "build_cpu_seconds": time.process_time() - cpu_began}  # CPU time of this process: less sensitive to load
