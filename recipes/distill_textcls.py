@@ -75,7 +75,8 @@ class TextClsJob(ClassifierJobArguments):
                                             "posts into a cache of its class distribution (reused by later runs; "
                                             "its build time reported and counted once) and train from it: no step "
                                             "pays for the teacher."})
-    threads: int = dataclasses.field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default)."})
+    threads: int = dataclasses.field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default, one "
+                                     "per core: a 3-layer MiniLM step is 1.8x faster on 2 threads than on 1)."})
 
 
 def eval_subset(data, n: int):

@@ -36,6 +36,9 @@ def main():
     results["sigterm"] = sigterm_on_one_process(os.path.join(a.output_dir, "sigterm"))
     if int(os.environ.get("RANK", "0")) == 0:
         json.dump(results, open(a.out_json, "w"))
+    if torch.distributed.is_initialized():  # leave together: a process that exits while its peer still works on
+        torch.distributed.barrier()  # the group can abort in gloo's teardown (seen once under load)
+        torch.distributed.destroy_process_group()
 
 
 def sigterm_on_one_process(output_dir):
