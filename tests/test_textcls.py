@@ -3,6 +3,7 @@
 unlabelled posts (label -100) are distilled while only the labelled ones count in the task loss."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,8 +81,9 @@ def test_cached_teacher_rows_follow_the_transfer_set_layout(tmp_path, monkeypatc
     from hf_kd_recipes.textcls_data import prepare_teacher, splits
 
     monkeypatch.setenv("HF_KD_CACHE", str(cache_dir()))  # the quick teacher is shared with the other tests
-    job, args = parse(distill_textcls.TextClsJob, ["--quick", "--labels_per_class", "2", "--output_dir",
-                                                   str(tmp_path / "o")], distill_textcls.DEFAULTS, distill_textcls.QUICK)
+    job, args = parse(distill_textcls.TextClsJob, ["--quick", "--labels_per_class", "2", "--cache_teacher", "true",
+                                                   "--output_dir", str(tmp_path / "o")],
+                      distill_textcls.DEFAULTS, distill_textcls.QUICK)
     teacher, tok, info = prepare_teacher(quick=True)
     pool = splits(tok, job.max_length)[0]["pool"].subset(range(96))
     distil_set, labelled = distill_textcls.student_data(job, pool)
@@ -101,3 +103,16 @@ def test_cached_teacher_rows_follow_the_transfer_set_layout(tmp_path, monkeypatc
                                                        f"no teacher, equal time ({report['metrics']['baseline_equal_time']['steps']} steps)"}
     kd = report["heldout_curves"]["points"]["distilled"]
     assert kd[0]["step"] == 0 and kd[0]["seconds"] >= report["train_seconds"]["teacher_cache"]  # the build counted once
+
+
+def test_few_labels_apply_the_validated_preset_under_yaml_and_flags():
+    from hf_kd_recipes import distill_textcls
+    from hf_kd_recipes.job_args import parse
+    preset = {**distill_textcls.DEFAULTS, **distill_textcls.FEW_LABELS}
+    job, args = parse(distill_textcls.TextClsJob, ["--labels_per_class", "20", "--temperature", "2"], preset, {})
+    assert job.cache_teacher and job.student_init == "pretrained" and args.max_steps == 960
+    assert args.alpha_task == distill_textcls.FEW_LABELS["alpha_task"] and args.temperature == 2  # preset < flag
+    yaml_file = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "textcls_few_labels.yaml")
+    job, args = parse(distill_textcls.TextClsJob, ["--config", yaml_file], distill_textcls.DEFAULTS, {})
+    values = {**vars(job), **args.to_dict()}
+    assert all(values[k] == v for k, v in distill_textcls.FEW_LABELS.items()), "the YAML restates the preset"
