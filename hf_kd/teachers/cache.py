@@ -158,7 +158,8 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
         for column, values in zip(CACHE_COLUMNS, topk_targets(logits, k, temperature)):
             rows[column] += (values.to(torch.int32) if column == CACHE_COLUMNS[0] else values).tolist()
     teacher.train(training)
-    per_row = (lambda v: Sequence(v)) if causal else (lambda v: v)  # one target per token, or per example
+    per_token = logits.dim() == 3  # [B, T, V]: a target per token (LMs); [B, C]: one per example (classifiers)
+    per_row = (lambda v: Sequence(v)) if per_token else (lambda v: v)
     features = dataset.features.copy()
     features["teacher_topk_ids"] = per_row(Sequence(Value("int32"), length=k))  # fixed size: no offsets
     features["teacher_topk_logprobs"] = per_row(Sequence(Value(np_dtype), length=k))
@@ -168,7 +169,7 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
     shutil.rmtree(tmp, ignore_errors=True)
     cached.save_to_disk(tmp)
     tokens = len(dataset) * len(dataset[0]["input_ids"])
-    positions = tokens if causal else len(dataset)  # targets held
+    positions = tokens if per_token else len(dataset)  # targets held
     meta = {"k": k, "temperature": temperature, "storage_dtype": storage_dtype, "vocab_size": size,
             "task": task_of(teacher), "teacher": teacher_name, "tokens": tokens, "positions": positions,
             "cache_bytes_per_token": _column_bytes(cached, CACHE_COLUMNS) / tokens,
