@@ -3,7 +3,7 @@ layers; then the same student fine-tuned without a teacher for the same steps, a
 
     python recipes/distill_textcls.py --config recipes/configs/textcls_newsgroups.yaml [--quick]
     hf-kd distill-textcls ...                                              # runs this file's main()
-    hf-kd distill-textcls --labels_per_class 20 --student_init pretrained  # few labels + unlabelled transfer set
+    hf-kd distill-textcls --labels_per_class 20 --equal_time true  # few labels + transfer set: the FEW_LABELS preset
 
 Data and teacher: ``textcls_data.py`` (validation carved from the train file by a fixed seed; test = the test file).
 ``--labels_per_class k`` keeps k labelled posts per class; the rest of the training posts stay in the distillation
