@@ -42,7 +42,7 @@ DEFAULTS = dict(  # chosen on the validation split: docs/textcls.md
 )
 FEW_LABELS = dict(  # with --labels_per_class: a transfer set (chosen on the validation split: docs/textcls.md)
     student_init="pretrained", labelled_share=0.25, alpha_task=0.1, kd_weight=1.0, temperature=1.0,
-    max_grad_norm=0.0, max_steps=960, learning_rate=3e-4, warmup_steps=48, cache_teacher=True)
+    max_grad_norm=0.0, max_steps=1440, learning_rate=3e-4, warmup_steps=72, cache_teacher=True)
 QUICK = dict(output_dir="outputs/textcls_quick", max_steps=4, per_device_train_batch_size=8, logging_steps=1,
              warmup_steps=0, max_length=32, train_examples=96, eval_examples=64)
 

@@ -110,7 +110,7 @@ def test_few_labels_apply_the_validated_preset_under_yaml_and_flags():
     from hf_kd_recipes.job_args import parse
     preset = {**distill_textcls.DEFAULTS, **distill_textcls.FEW_LABELS}
     job, args = parse(distill_textcls.TextClsJob, ["--labels_per_class", "20", "--temperature", "2"], preset, {})
-    assert job.cache_teacher and job.student_init == "pretrained" and args.max_steps == 960
+    assert job.cache_teacher and job.student_init == "pretrained" and args.max_steps == 1440
     assert args.alpha_task == distill_textcls.FEW_LABELS["alpha_task"] and args.temperature == 2  # preset < flag
     yaml_file = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "textcls_few_labels.yaml")
     job, args = parse(distill_textcls.TextClsJob, ["--config", yaml_file], distill_textcls.DEFAULTS, {})
