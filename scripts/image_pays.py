@@ -39,6 +39,7 @@ CONFIGS = {  # name -> flags of the image job; "few*" start from the FEW_LABELS 
     "few_s960": FEW + ["--max_steps", "960"], "few_s1920": FEW + ["--max_steps", "1920"],
     "few_s240": FEW + ["--max_steps", "240"],
     "few_resnet": FEW + ["--student", "resnet"],
+    "full_resnet": FULL + ["--student", "resnet"],  # the defaults with the CNN student
     "full": FULL,  # today's defaults: 480 steps, alpha_task 0.5, kd_weight 0.5, T 4, max_grad_norm 1
     "full_fewpreset": FULL + ["--alpha_task", "0.1", "--kd_weight", "1", "--max_grad_norm", "0", "--max_steps", "1920",
                               "--learning_rate", "4e-3"],  # the few-label validated loss and optimiser settings
