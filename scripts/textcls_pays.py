@@ -37,7 +37,8 @@ CONFIGS = {  # name -> flags of the text job; "few*" start from the FEW_LABELS p
     "few_lr1e-4": FEW + ["--learning_rate", "1e-4"], "few_lr1e-3": FEW + ["--learning_rate", "1e-3"],
     "few_s240": FEW + ["--max_steps", "240"], "few_s960": FEW + ["--max_steps", "960"],
     "few_s960_lr6e-4": FEW + ["--max_steps", "960", "--learning_rate", "6e-4", "--baseline", "false"],
-    "few_s1440_kd_only": FEW + ["--max_steps", "1440", "--warmup_steps", "72", "--baseline", "false"],  # the preset, KD only
+    # the preset (1,440 steps) without its baseline
+    "few_s1440_kd_only": FEW + ["--max_steps", "1440", "--warmup_steps", "72", "--baseline", "false"],
     "full": FULL,  # the defaults: 60 steps, student = the teacher's layers and head, T=2, alpha 1, kd 1
     "full_s640": FULL + ["--max_steps", "640"],  # one epoch of the 10,293 posts
     "full_s640_t1": FULL + ["--max_steps", "640", "--temperature", "1"],
