@@ -20,14 +20,18 @@ import re
 
 import torch
 from transformers import (AutoModel, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                          DataCollatorWithPadding)
+                          DataCollatorWithPadding, default_data_collator)
 
 from hf_kd import DistillationTrainer, make_student
+from hf_kd.data import masked_views
+from hf_kd.teachers.cache import reusable_cache
 from hf_kd.tools.assets import minilm_path
-from hf_kd.modes.experiment import save_and_report, torch_threads, train, train_baseline
+from hf_kd.modes.experiment import save_and_report, torch_threads, train
+from hf_kd.tools.curves import HeldOutCurve
 from hf_kd.tools.report import evaluate
 from hf_kd_recipes.distill_clm import load_text
-from hf_kd_recipes.job_args import JobArguments, parse
+from hf_kd_recipes.arms import grad_norm_stats, grad_norms, run_baselines
+from hf_kd_recipes.job_args import ComparedJobArguments, parse
 from hf_kd_recipes.mlm_teacher import EMBEDDED, MINILM_ID, chunk_text, masked_batches, prepare_mlm_teacher
 
 DEFAULTS = dict(  # sized for a few minutes on 2 shared CPU cores (measured figures in the README)
@@ -44,7 +48,7 @@ ENCODER_QUICK = dict(QUICK, output_dir="outputs/encoder_quick")
 
 
 @dataclasses.dataclass
-class MaskedLMJob(JobArguments):
+class MaskedLMJob(ComparedJobArguments):
     mode: str = dataclasses.field(default="mlm", metadata={"help": "'mlm' (masked-LM student with KD on the MLM "
                                   "logits) or 'encoder' (sentence-encoder student, hidden-state loss only)."})
     teacher: str = dataclasses.field(default=EMBEDDED, metadata={"help": "'minilm' (packaged all-MiniLM-L6-v2; "
@@ -55,10 +59,23 @@ class MaskedLMJob(JobArguments):
     student_layers: int = dataclasses.field(default=3, metadata={"help": "Layers the student keeps."})
     layer_strategy: str = dataclasses.field(default="distilbert", metadata={"help": "make_student strategy."})
     max_train_chunks: int = dataclasses.field(default=0, metadata={"help": "Cap on training chunks (0 = all)."})
+    eval_split: str = dataclasses.field(default="test", metadata={"help": "Held-out documents evaluated: 'test' (the "
+                                        "report's) or 'validation' (for choosing settings; tales: the held-out "
+                                        "documents are split in two halves)."})
     eval_chunks: int = dataclasses.field(default=0, metadata={"help": "mlm: held-out chunks to evaluate (0 = all)."})
+    eval_maskings: int = dataclasses.field(default=2, metadata={"help": "mlm: fixed maskings of each held-out chunk "
+                                           "scored (more masked tokens, a smaller standard error)."})
     eval_sentences: int = dataclasses.field(default=512, metadata={"help": "encoder: held-out sentences."})
     prep_steps: int = dataclasses.field(default=0, metadata={"help": "Steps of the one-time MLM-head fit of the "
                                         "packaged teacher (0 = the built-in recipe; --quick: a tiny one)."})
+    cache_teacher: bool = dataclasses.field(default=False, metadata={"help": "mlm: mask the training chunks "
+                                            "mask_views times once and for all (static masking) and run the teacher "
+                                            "once over them into a top-k cache (reused by later runs and seeds, its "
+                                            "build time reported and counted once); the distilled student trains "
+                                            "from it with no teacher forward. The baseline keeps dynamic masking."})
+    mask_views: int = dataclasses.field(default=1, metadata={"help": "With cache_teacher: static maskings of each "
+                                        "training chunk (different masks, read in turn over the epochs)."})
+    cache_k: int = dataclasses.field(default=32, metadata={"help": "Top-k entries per token the teacher cache keeps."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch intra-op threads during the job (0 = "
                                      "torch's default; 1 is faster on a CPU shared with other busy processes)."})
 
@@ -104,10 +121,23 @@ def load_teacher(job: MaskedLMJob, args):
     return auto.from_pretrained(path), AutoTokenizer.from_pretrained(path), task, []
 
 
+def cached_teacher(job: MaskedLMJob, args, teacher, train_chunks, tok, name: str):
+    """(args, distillation rows, collator, {teacher cost: seconds}). With --cache_teacher the training chunks are
+    masked ``mask_views`` times with fixed seeds (the same masks for every run and seed: one cache serves them all)
+    and the teacher's top-k at T = 1 on them is made once (hf_kd.teachers.reusable_cache); the trainer reads it from
+    ``args.teacher_cache``. Without it: the chunks, masked anew in every batch, and no teacher cost up front."""
+    if not job.cache_teacher:
+        return args, train_chunks, DataCollatorForLanguageModeling(tok, mlm_probability=0.15), {}
+    views = masked_views(train_chunks, tok, job.mask_views, mlm_probability=0.15, seed=0)
+    folder, meta = reusable_cache(teacher, views, teacher_name=name, k=job.cache_k, temperature=1.0)
+    return dataclasses.replace(args, teacher_cache=folder), None, default_data_collator, {
+        "teacher_cache": meta["build_seconds"]}
+
+
 def run(job: MaskedLMJob, args) -> dict:
     torch.manual_seed(args.seed)
     # 1. Teacher and data: token chunks; held-out documents are never in training
-    train_text, held_text, data_name = load_text(job.dataset)
+    train_text, held_text, data_name = load_text(job.dataset, job.eval_split)
     teacher, tok, task, notes = load_teacher(job, args)
     mlm = task == "masked_lm"
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15) if mlm else DataCollatorWithPadding(tok)
@@ -126,10 +156,10 @@ def run(job: MaskedLMJob, args) -> dict:
     size = f"{len(train_chunks)} train chunks of <= {job.max_length} tokens"
     if mlm:  # fixed masking: every model is scored on the same masked tokens
         held = chunk_text(held_text, tok, job.max_length, job.text_column, max_chunks=job.eval_chunks or None)
-        eval_batches = masked_batches(held, tok, 32, seed=1234)
+        eval_batches = [b for m in range(job.eval_maskings) for b in masked_batches(held, tok, 32, seed=1234 + m)]
         n_masked = sum(int((b["labels"] != -100).sum()) for b in eval_batches)
-        data = (f"{data_name}: {size}, {len(held)} held-out chunks ({n_masked} masked tokens, fixed masking; "
-                f"held-out documents never seen in training)")
+        data = (f"{data_name}: {size}, {len(held)} {job.eval_split} chunks ({n_masked} masked tokens: "
+                f"{job.eval_maskings} fixed maskings of each; held-out documents never seen in training)")
     else:  # sentence embeddings of held-out sentences
         sentences = held_out_sentences(held_text[job.text_column], job.eval_sentences)
         eval_batches = [dict(tok(sentences[i:i + 64], padding=True, truncation=True, max_length=128,
@@ -147,30 +177,46 @@ def run(job: MaskedLMJob, args) -> dict:
     push = args.push_to_hub
     if push and job.dry_run:
         args = dataclasses.replace(args, push_to_hub=False)
+    name = MINILM_ID if job.teacher == EMBEDDED else job.teacher
+    with args.main_process_first(desc="cache the teacher's top-k"):
+        args, distil_rows, distil_collator, teacher_seconds = (
+            cached_teacher(job, args, teacher, train_chunks, tok, name) if mlm else (args, train_chunks, collator, {}))
+    if teacher_seconds:
+        notes.append(f"distilled from a top-{job.cache_k} teacher cache of {job.mask_views} static masking(s) of the "
+                     f"training chunks, made once in {teacher_seconds['teacher_cache']:.0f} s (counted in the "
+                     "distilled run's seconds and curve); the baseline masks anew in every batch")
     student = new_student()
     metrics = {"teacher": evaluate(teacher, eval_batches, task, desc="eval teacher"),
                "student_before": evaluate(student, eval_batches, task, teacher, desc="eval student before")}
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_chunks,
-                                  data_collator=collator, processing_class=tok)
-    seconds = {"distillation": train(trainer)}
+    every = job.curve_every or max(1, args.max_steps // 8)
+    kd_curve = [HeldOutCurve(eval_batches, task, every=every, at_start=True,
+                             offset_seconds=sum(teacher_seconds.values()))] if mlm else []  # a cache's build, once
+    trainer = DistillationTrainer(model=student, teacher_model=None if args.teacher_cache else teacher, args=args,
+                                  train_dataset=distil_rows, data_collator=distil_collator, processing_class=tok,
+                                  callbacks=kd_curve)
+    seconds = {**teacher_seconds, "distillation": train(trainer)}
     metrics["student_after"] = evaluate(student, eval_batches, task, teacher, desc="eval student after")
     histories = {"distillation": trainer.state.log_history}
+    curves = {"distilled": kd_curve[0].points} if mlm else None
 
-    # 4. Baseline: the same initial student, the same steps and data, the task loss alone
+    # 4. Baselines: the same initial student and data, the task loss alone, the same steps (and with --equal_time,
+    # the steps that fit the distilled run's seconds)
     if job.baseline and mlm:
-        metrics["baseline_no_teacher"], seconds["baseline"], histories["baseline (no teacher)"] = train_baseline(
-            args, new_student(), teacher=teacher, train_dataset=train_chunks, eval_batches=eval_batches, task=task,
-            data_collator=collator, processing_class=tok)
+        run_baselines(job, args, new_student, metrics, seconds, histories, curves, lambda row, model, batches: row,
+                      dict(teacher=teacher, train_dataset=train_chunks, eval_batches=eval_batches, task=task,
+                           data_collator=collator, processing_class=tok), every)
     elif job.baseline:  # encoder: the untrained copy (see the note above)
         metrics["baseline_no_teacher"] = dict(metrics["student_before"])
+    notes.append(f"gradient norms before clipping (max_grad_norm {args.max_grad_norm}): " + grad_norms(histories))
 
     # 5. Save the student, time it against the teacher, write report.json/.md, learning curves and model card
     rows = 4 if job.quick else 8
-    return save_and_report(
-        trainer, teacher=teacher, task=task, teacher_name=MINILM_ID if job.teacher == EMBEDDED else job.teacher,
+    report = save_and_report(
+        trainer, teacher=teacher, task=task, teacher_name=name,
         data=data, speed_inputs={k: eval_batches[0][k][:rows] for k in ("input_ids", "attention_mask")},
         metrics=metrics, seconds=seconds, histories=histories, notes=notes, processing_class=tok,
-        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run)
+        keep_checkpoints=job.keep_checkpoints, push=push, dry_run=job.dry_run, curves=curves)
+    return {**report, "grad_norm": {k: grad_norm_stats(h) for k, h in histories.items()}} if report else report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,7 +35,19 @@ class JobArguments:
 
 
 @dataclasses.dataclass
-class ClassifierJobArguments(JobArguments):
+class ComparedJobArguments(JobArguments):
+    """Fields of the jobs whose no-teacher arms run inside the job (:mod:`hf_kd_recipes.arms`): equal wall time and
+    held-out curves."""
+
+    equal_time: bool = dataclasses.field(default=False, metadata={"help": "Also train the baseline for the steps "
+                                         "that fit the distilled run's training seconds (teacher forwards included, "
+                                         "held-out evaluations left out), at the equal-steps baseline's speed."})
+    curve_every: int = dataclasses.field(default=0, metadata={"help": "Held-out curve point every N steps for both "
+                                         "arms (0 = max_steps // 8)."})
+
+
+@dataclasses.dataclass
+class ClassifierJobArguments(ComparedJobArguments):
     """Fields of the classification jobs: an extra ``evaluate`` metric in the report."""
 
     metric: str = dataclasses.field(default="", metadata={"help": "An evaluate metric added to every row of the "
@@ -45,11 +57,6 @@ class ClassifierJobArguments(JobArguments):
     metric_args: str = dataclasses.field(default="", metadata={"help": "Arguments of the metric's compute, "
                                          "'key=value,...' (e.g. 'average=weighted'); f1/precision/recall average "
                                          "'macro' over more than two classes unless told."})
-    equal_time: bool = dataclasses.field(default=False, metadata={"help": "Also train the baseline for the steps "
-                                         "that fit the distilled run's training seconds (teacher forwards included, "
-                                         "held-out evaluations left out), at the equal-steps baseline's speed."})
-    curve_every: int = dataclasses.field(default=0, metadata={"help": "Held-out curve point every N steps for both "
-                                         "arms (0 = max_steps // 8)."})
 
     def metric_kwargs(self) -> dict:
         """``metric_args`` as a dict, each value read as YAML ('macro' -> str, '1' -> int, 'null' -> None)."""

@@ -51,16 +51,38 @@ def test_mlm_quick_fills_masks(tmp_path):
 
     from hf_kd_recipes import distill_mlm
     out = tmp_path / "mlm"
-    report = distill_mlm.main(["--quick", "--output_dir", str(out), "--push_to_hub", "--dry_run"])
+    report = distill_mlm.main(["--quick", "--output_dir", str(out), "--push_to_hub", "--dry_run", "--equal_time",
+                               "--eval_split", "validation"])
     saved = check_outputs(out, report, "fill-mask")
-    for row in ("teacher", "student_before", "student_after", "baseline_no_teacher"):
+    for row in ("teacher", "student_before", "student_after", "baseline_no_teacher", "baseline_equal_time"):
         assert 0 <= saved["metrics"][row]["accuracy"] <= 1
+    curves = report["heldout_curves"]["points"]  # both arms and the equal-time arm, each from step 0 to its end
+    timed = report["metrics"]["baseline_equal_time"]["steps"]
+    assert list(curves) == ["distilled", "no teacher", f"no teacher, equal time ({timed} steps)"]
+    assert all(c[0]["step"] == 0 and 0 <= c[-1]["accuracy"] <= 1 for c in curves.values())
+    assert curves["distilled"][-1]["step"] == 3 and "validation chunks" in saved["data"]
     assert saved["task"] == "masked_lm" and saved["student_layers"] == [0, 2, 5]
     assert any("fitted" in n and "accuracy" in n for n in saved["notes"])  # the teacher's head is hf_kd's
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(json.loads((out / "push_dry_run.json").read_text())
                                                               ["files"])
     filled = pipeline("fill-mask", model=str(out), device="cpu")("the old king went to the [MASK].")
     assert len(filled) == 5 and all(isinstance(f["token_str"], str) for f in filled)
+
+
+@needs("minilm", "tales")
+def test_mlm_quick_from_a_teacher_cache(tmp_path):
+    """--cache_teacher: static masks cached once with the teacher's top-k; the build is counted in the distilled
+    run's seconds and its curve; the baseline still trains (dynamic masks, no teacher)."""
+    from hf_kd_recipes import distill_mlm
+    argv = ["--quick", "--cache_teacher", "--mask_views", "2", "--temperature", "1", "--hidden_weight", "0",
+            "--kd_positions", "labels", "--output_dir", str(tmp_path / "a")]
+    report = distill_mlm.main(argv)
+    build = report["train_seconds"]["teacher_cache"]
+    assert build > 0 and report["heldout_curves"]["points"]["distilled"][0]["seconds"] == pytest.approx(build)
+    assert any("teacher cache of 2 static masking(s)" in n for n in report["notes"])
+    assert 0 <= report["metrics"]["baseline_no_teacher"]["accuracy"] <= 1
+    again = distill_mlm.main(argv[:-1] + [str(tmp_path / "b"), "--baseline", "false"])  # the cache is reused
+    assert again["train_seconds"]["teacher_cache"] == build
 
 
 @needs("minilm", "tales")

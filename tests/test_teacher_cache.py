@@ -152,3 +152,62 @@ def test_a_classifier_cache_holds_the_exact_distribution_and_trains_like_the_onl
                                                                num_hidden_layers=1, num_attention_heads=4,
                                                                num_key_value_heads=2, vocab_size=5)),
                             args=DistillationConfig(teacher_cache=str(tmp_path / "cache"), **base))
+
+
+def test_masked_views_mask_each_row_views_times_with_equal_lengths(tiny_tokenizer):
+    from hf_kd.data import masked_views
+    from tests.conftest import sentences
+    rows = Dataset.from_dict({"input_ids": [tiny_tokenizer(s)["input_ids"] for s in sentences(40)]})
+    views = masked_views(rows, tiny_tokenizer, views=3, mlm_probability=0.3, seed=5)
+    assert len(views) == 120 and len({len(r) for r in views["input_ids"]}) == 1
+    longest = max(len(r) for r in rows["input_ids"])
+    mask_id, pad_id = tiny_tokenizer.mask_token_id, tiny_tokenizer.pad_token_id
+    for v in range(3):
+        for i in (0, 17, 39):
+            r, original = views[v * 40 + i], rows[i]["input_ids"]
+            n = len(original)
+            assert len(r["input_ids"]) == longest and r["attention_mask"] == [1] * n + [0] * (longest - n)
+            assert r["input_ids"][n:] == [pad_id] * (longest - n) and set(r["labels"][n:]) <= {-100}
+            for tok, label, orig in zip(r["input_ids"], r["labels"], original):  # labels: the original at masks
+                assert label == orig if label != -100 else tok == orig
+    assert views["labels"][:40] != views["labels"][40:80]  # each view its own masks
+    assert 0.15 < sum(x != -100 for r in views["labels"] for x in r) / (3 * sum(map(len, rows["input_ids"]))) < 0.45
+    assert masked_views(rows, tiny_tokenizer, 3, 0.3, seed=5)["input_ids"] == views["input_ids"]  # seeded
+    with pytest.raises(ValueError, match="views"):
+        masked_views(rows, tiny_tokenizer, views=0)
+
+
+def test_trainer_trains_a_masked_lm_from_its_cache_as_from_the_teacher(tmp_path, tiny_tokenizer):
+    """k = V in float32: the cached objective equals online KD on the same static masks (KD at every position)."""
+    from transformers import BertConfig, BertForMaskedLM, default_data_collator
+
+    from hf_kd import DistillationConfig, DistillationTrainer, make_student
+    from hf_kd.data import masked_views
+    from hf_kd.teachers.cache import reusable_cache
+    from tests.conftest import sentences
+    torch.manual_seed(0)
+    V = len(tiny_tokenizer)
+    teacher = BertForMaskedLM(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=V))
+    rows = Dataset.from_dict({"input_ids": [tiny_tokenizer(s)["input_ids"] for s in sentences(16)]})
+    views = masked_views(rows, tiny_tokenizer, views=2, mlm_probability=0.3)
+    folder, meta = reusable_cache(teacher, views, teacher_name="tiny-bert", k=V, temperature=1.0,
+                                  storage_dtype="float32", root=str(tmp_path / "caches"))
+    assert meta["task"] == "masked_lm" and not meta["reused"]
+    relabelled = Dataset.from_dict({**views.to_dict(), "labels": views["labels"][::-1]})  # other masks' labels
+    assert reusable_cache(teacher, relabelled, teacher_name="tiny-bert", k=V, temperature=1.0,
+                          storage_dtype="float32", root=str(tmp_path / "caches"))[0] != folder
+    base = dict(output_dir=str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=8, report_to=[],
+                save_strategy="no", disable_tqdm=True, logging_steps=1, temperature=1.0, seed=0, kd_impl="full",
+                hidden_weight=0.0, kd_positions="all")
+    student = make_student(teacher, num_layers=1)
+    cached = DistillationTrainer(model=student, args=DistillationConfig(teacher_cache=folder, **base),
+                                 data_collator=default_data_collator)
+    assert cached.teacher is None
+    cached.train()
+    online = DistillationTrainer(model=make_student(teacher, num_layers=1), teacher_model=teacher,
+                                 args=DistillationConfig(teacher_dtype="model", **base), train_dataset=views,
+                                 data_collator=default_data_collator)
+    online.train()
+    logs = [[h["kd_loss"] for h in t.state.log_history if "kd_loss" in h] for t in (cached, online)]
+    assert len(logs[0]) == 3 and logs[0] == pytest.approx(logs[1], rel=1e-3)

@@ -46,6 +46,26 @@ def tokenize_for_masked_lm(dataset: Dataset, tokenizer, max_length: int, text_co
                        remove_columns=dataset.column_names)
 
 
+def masked_views(dataset: Dataset, tokenizer, views: int = 1, mlm_probability: float = 0.15, seed: int = 0) -> Dataset:
+    """Static masking for a masked LM, as BERT's pre-training data was made: each row of ``dataset`` (``input_ids``)
+    masked ``views`` times with different seeds (DataCollatorForLanguageModeling's 80/10/10 rule), padded to the
+    longest row. Returns input_ids, attention_mask and labels (-100 except at the masked positions), all rows of
+    one length, view after view: what a teacher cache needs (:func:`hf_kd.teachers.cache.reusable_cache`), since a
+    masked LM's targets depend on which tokens are masked."""
+    from transformers import DataCollatorForLanguageModeling
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if "input_ids" not in dataset.column_names or len(dataset) == 0:
+        raise ValueError("masked_views needs a non-empty dataset with an input_ids column (tokenize_for_masked_lm)")
+    rows = [{"input_ids": ids} for ids in dataset["input_ids"]]
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for view in range(views):
+        batch = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed + view)(rows)
+        for column in out:  # one padded batch of every row: equal lengths by construction
+            out[column] += batch[column].tolist()
+    return Dataset.from_dict(out)
+
+
 def image_transform(processor, image_column: str = "image", label_column: str = "label"):
     """A ``set_transform`` function: PIL images -> pixel_values with the model's processor, labels kept."""
     def apply(batch):

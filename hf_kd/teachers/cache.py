@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flow.align import predicting
-from ..flow.tasks import CAUSAL_LM, CLASSIFICATION, task_of
+from ..flow.tasks import CAUSAL_LM, CLASSIFICATION, MASKED_LM, task_of
 from ..data.cache import cache_dir
 from ..losses.kd_ce import log1mexp
 from ..losses.logits import reduce
@@ -115,9 +115,9 @@ def check_cache(meta: dict, student, signals, task: str) -> None:
                             "temperature 1, which serves every temperature)")
         if sig.kind != "forward_kl":  # checked whatever its weight, also one that starts at 0
             problems.append(f"a top-k cache supports kd_loss='forward_kl' only, not {sig.kind!r}")
-    if task not in (CAUSAL_LM, CLASSIFICATION) or meta.get("task", CAUSAL_LM) != task:
+    if task not in (CAUSAL_LM, MASKED_LM, CLASSIFICATION) or meta.get("task", CAUSAL_LM) != task:
         problems.append(f"the targets were made by a {meta.get('task', CAUSAL_LM)} teacher; this student is a {task} "
-                        "model (caches serve causal LMs and sequence classifiers)")
+                        "model (caches serve causal and masked LMs and sequence classifiers)")
     elif meta["vocab_size"] != output_size(student):
         problems.append(f"cache vocabulary {meta['vocab_size']} != student vocabulary {output_size(student)}")
     if problems:
@@ -136,8 +136,9 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
                         storage_dtype: str = "float16", batch_size: int = 8, teacher_name: str = "") -> dict:
     """Add the cache columns to ``dataset`` (equal-length input_ids rows) and save it with metadata.
 
-    A causal LM's cache holds k targets per token ([T, k] per row); a sequence classifier's one per example ([k]
-    per row: with k = its number of labels the cache is the teacher's exact distribution). Written to a temporary
+    A causal or masked LM's cache holds k targets per token ([T, k] per row; a masked LM's rows are masked once and
+    for all, :func:`hf_kd.data.masked_views`, since its targets depend on the masks); a sequence classifier's one
+    per example ([k] per row: with k = its number of labels the cache is the teacher's exact distribution). Written to a temporary
     folder and renamed, so ``output_dir`` is complete or absent.
     """
     from datasets import Dataset, Sequence, Value
@@ -185,14 +186,15 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
 def reusable_cache(teacher, dataset, *, teacher_name: str, k: int = 32, temperature: float = 1.0,
                    storage_dtype: str = "float16", batch_size: int = 8, root: str | None = None) -> tuple[str, dict]:
     """A teacher cache of ``dataset`` made once and reused by every later run, seed and epoch: the folder is keyed by
-    the content (the rows' token ids, the teacher's name and dtype, k, temperature, storage dtype), under ``root``
-    (default: ``hf_kd.tools.assets.cache_dir()/teacher_caches``). Returns (folder, metadata); the metadata's
+    the content (the rows' token ids, a masked LM's labels too, the teacher's name and dtype, k, temperature, storage
+    dtype), under ``root`` (default: ``hf_kd.tools.assets.cache_dir()/teacher_caches``). Returns (folder, metadata); the metadata's
     ``build_seconds`` is what making it cost once (count it once in a comparison at equal compute) and ``reused``
     says whether this call found it made."""
     key = hashlib.sha256(json.dumps([teacher_name, str(next(teacher.parameters()).dtype), k, temperature,
                                      storage_dtype]).encode())
-    for ids in dataset["input_ids"]:
-        key.update(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes())
+    for column in ("input_ids", "labels") if task_of(teacher) == MASKED_LM else ("input_ids",):
+        for ids in dataset[column]:  # a masked LM's rows: the masks and their labels
+            key.update(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes())
     folder = os.path.join(root or str(cache_dir() / "teacher_caches"), key.hexdigest()[:16])
     if os.path.isfile(os.path.join(folder, META_NAME)):
         return folder, {**load_teacher_cache(folder)[1], "reused": True}
