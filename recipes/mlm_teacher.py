@@ -23,7 +23,7 @@ from hf_kd.tools.assets import cached_folder, load_tales, minilm_path, prepared_
 
 EMBEDDED = "minilm"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-RECIPE = dict(steps=200, batch_size=16, max_length=64, lr_encoder=8e-4, lr_head=2e-3, warmup=10,
+RECIPE = dict(steps=800, batch_size=16, max_length=64, lr_encoder=8e-4, lr_head=2e-3, warmup=10,
               weight_decay=0.01, mlm_probability=0.3, unigram_bias=True, freeze_embeddings=True, seed=0)
 QUICK_RECIPE = dict(RECIPE, steps=4, batch_size=8, eval_chunks=64)
 

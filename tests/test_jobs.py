@@ -78,7 +78,7 @@ def test_mlm_quick_from_a_teacher_cache(tmp_path):
             "--kd_positions", "labels", "--output_dir", str(tmp_path / "a")]
     report = distill_mlm.main(argv)
     build = report["train_seconds"]["teacher_cache"]
-    assert build > 0 and report["heldout_curves"]["points"]["distilled"][0]["seconds"] == pytest.approx(build)
+    assert build <= report["heldout_curves"]["points"]["distilled"][0]["seconds"] < build + 1  # step 0: the build
     assert any("teacher cache of 2 static masking(s)" in n for n in report["notes"])
     assert 0 <= report["metrics"]["baseline_no_teacher"]["accuracy"] <= 1
     again = distill_mlm.main(argv[:-1] + [str(tmp_path / "b"), "--baseline", "false"])  # the cache is reused

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from hf_kd_recipes.mlm_teacher import RECIPE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("mlm_pays", os.path.join(ROOT, "scripts", "mlm_pays.py"))
 mlm_pays = importlib.util.module_from_spec(spec)
@@ -17,11 +19,17 @@ def test_each_config_parses_as_the_jobs_flags(name):
     flags = mlm_pays.CONFIGS[name]
     job, args = mlm_pays.distill_mlm.parse_job(flags + ["--eval_split", "validation", "--equal_time", "true"])
     assert job.mode == "mlm" and job.eval_split == "validation" and job.equal_time
-    for flag, value in zip(flags[::2], flags[1::2]):  # each flag reached the job or the trainer's config
-        field = flag.lstrip("-")
-        assert str(getattr(job, field, getattr(args, field, None))) in (value, str(float(value)))
+    for flag, value in dict(zip(flags[::2], flags[1::2])).items():  # the last value of each flag reached the job
+        got = getattr(job, flag.lstrip("-"), getattr(args, flag.lstrip("-"), None))  # or the trainer's config
+        assert got == type(got)(value)
 
 
-def test_default_config_is_the_jobs_default():
-    job, args = mlm_pays.distill_mlm.parse_job(mlm_pays.CONFIGS["default"])
-    assert args.max_steps == mlm_pays.distill_mlm.DEFAULTS["max_steps"] and job.max_train_chunks == 0
+def test_the_validated_config_is_the_jobs_default():
+    """The search's winner, spelt out over the defaults before the search, is what the job now does unflagged."""
+    def parsed(flags):
+        job, args = mlm_pays.distill_mlm.parse_job(flags)
+        return {**vars(job), "prep_steps": job.prep_steps or RECIPE["steps"],  # 0: the built-in teacher recipe
+                **{k: getattr(args, k) for k in ("temperature", "alpha_task", "kd_positions", "hidden_weight",
+                                                 "learning_rate", "max_steps")}}
+    assert parsed(mlm_pays.CONFIGS[mlm_pays.VALIDATED]) == parsed([]) == parsed(mlm_pays.CONFIGS["default"])
+    assert parsed(mlm_pays.CONFIGS["before"])["alpha_task"] == 1.0
