@@ -122,13 +122,13 @@ def load_teacher(job: MaskedLMJob, args):
     return auto.from_pretrained(path), AutoTokenizer.from_pretrained(path), task, []
 
 
-def cached_teacher(job: MaskedLMJob, args, teacher, train_chunks, tok, name: str):
-    """(args, distillation rows, collator, {teacher cost: seconds}). With --cache_teacher the training chunks are
+def cached_teacher(job: MaskedLMJob, args, teacher, train_chunks, collator, tok, name: str):
+    """(args, distillation rows, their collator, {teacher cost: seconds}). With --cache_teacher the training chunks are
     masked ``mask_views`` times with fixed seeds (the same masks for every run and seed: one cache serves them all)
     and the teacher's top-k at T = 1 on them is made once (hf_kd.teachers.reusable_cache); the trainer reads it from
-    ``args.teacher_cache``. Without it: the chunks, masked anew in every batch, and no teacher cost up front."""
-    if not job.cache_teacher:
-        return args, train_chunks, DataCollatorForLanguageModeling(tok, mlm_probability=0.15), {}
+    ``args.teacher_cache``. Without it (or in encoder mode): the chunks and ``collator``, no teacher cost up front."""
+    if not job.cache_teacher or job.mode != "mlm":
+        return args, train_chunks, collator, {}
     views = masked_views(train_chunks, tok, job.mask_views, mlm_probability=0.15, seed=0)
     folder, meta = reusable_cache(teacher, views, teacher_name=name, k=job.cache_k, temperature=1.0)
     return dataclasses.replace(args, teacher_cache=folder), None, default_data_collator, {
@@ -180,8 +180,8 @@ def run(job: MaskedLMJob, args) -> dict:
         args = dataclasses.replace(args, push_to_hub=False)
     name = MINILM_ID if job.teacher == EMBEDDED else job.teacher
     with args.main_process_first(desc="cache the teacher's top-k"):
-        args, distil_rows, distil_collator, teacher_seconds = (
-            cached_teacher(job, args, teacher, train_chunks, tok, name) if mlm else (args, train_chunks, collator, {}))
+        args, distil_rows, distil_collator, teacher_seconds = cached_teacher(job, args, teacher, train_chunks,
+                                                                             collator, tok, name)
     if teacher_seconds:
         notes.append(f"distilled from a top-{job.cache_k} teacher cache of {job.mask_views} static masking(s) of the "
                      f"training chunks, made once in {teacher_seconds['teacher_cache']:.0f} s (counted in the "

@@ -46,7 +46,8 @@ def tokenize_for_masked_lm(dataset: Dataset, tokenizer, max_length: int, text_co
                        remove_columns=dataset.column_names)
 
 
-def masked_views(dataset: Dataset, tokenizer, views: int = 1, mlm_probability: float = 0.15, seed: int = 0) -> Dataset:
+def masked_views(dataset: Dataset, tokenizer, views: int = 1, mlm_probability: float = 0.15,
+                 seed: int = 0) -> Dataset:
     """Static masking for a masked LM, as BERT's pre-training data was made: each row of ``dataset`` (``input_ids``)
     masked ``views`` times with different seeds (DataCollatorForLanguageModeling's 80/10/10 rule), padded to the
     longest row. Returns input_ids, attention_mask and labels (-100 except at the masked positions), all rows of

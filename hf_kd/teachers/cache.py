@@ -138,8 +138,8 @@ def build_teacher_cache(teacher, dataset, output_dir: str, *, k: int = 32, tempe
 
     A causal or masked LM's cache holds k targets per token ([T, k] per row; a masked LM's rows are masked once and
     for all, :func:`hf_kd.data.masked_views`, since its targets depend on the masks); a sequence classifier's one
-    per example ([k] per row: with k = its number of labels the cache is the teacher's exact distribution). Written to a temporary
-    folder and renamed, so ``output_dir`` is complete or absent.
+    per example ([k] per row: with k = its number of labels the cache is the teacher's exact distribution).
+    Written to a temporary folder and renamed, so ``output_dir`` is complete or absent.
     """
     from datasets import Dataset, Sequence, Value
     from tqdm.auto import tqdm
@@ -187,9 +187,9 @@ def reusable_cache(teacher, dataset, *, teacher_name: str, k: int = 32, temperat
                    storage_dtype: str = "float16", batch_size: int = 8, root: str | None = None) -> tuple[str, dict]:
     """A teacher cache of ``dataset`` made once and reused by every later run, seed and epoch: the folder is keyed by
     the content (the rows' token ids, a masked LM's labels too, the teacher's name and dtype, k, temperature, storage
-    dtype), under ``root`` (default: ``hf_kd.tools.assets.cache_dir()/teacher_caches``). Returns (folder, metadata); the metadata's
-    ``build_seconds`` is what making it cost once (count it once in a comparison at equal compute) and ``reused``
-    says whether this call found it made."""
+    dtype), under ``root`` (default: ``hf_kd.tools.assets.cache_dir()/teacher_caches``). Returns (folder, metadata);
+    the metadata's ``build_seconds`` is what making it cost once (count it once in a comparison at equal compute)
+    and ``reused`` says whether this call found it made."""
     key = hashlib.sha256(json.dumps([teacher_name, str(next(teacher.parameters()).dtype), k, temperature,
                                      storage_dtype]).encode())
     for column in ("input_ids", "labels") if task_of(teacher) == MASKED_LM else ("input_ids",):
