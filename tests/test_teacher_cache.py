@@ -172,6 +172,8 @@ def test_masked_views_mask_each_row_views_times_with_equal_lengths(tiny_tokenize
                 assert label == orig if label != -100 else tok == orig
     assert views["labels"][:40] != views["labels"][40:80]  # each view its own masks
     assert 0.15 < sum(x != -100 for r in views["labels"] for x in r) / (3 * sum(map(len, rows["input_ids"]))) < 0.45
+    at_masks = [t for r in views for t, label in zip(r["input_ids"], r["labels"]) if label != -100]
+    assert 0.6 < sum(t == mask_id for t in at_masks) / len(at_masks) < 0.95  # 80% [MASK], the rest random or kept
     assert masked_views(rows, tiny_tokenizer, 3, 0.3, seed=5)["input_ids"] == views["input_ids"]  # seeded
     with pytest.raises(ValueError, match="views"):
         masked_views(rows, tiny_tokenizer, views=0)
