@@ -41,6 +41,7 @@ DEFAULTS = dict(  # chosen on the validation documents (scripts/mlm_pays.py, doc
     alpha_task=0.0, kd_weight=1.0, kd_loss="forward_kl", kd_positions="labels", hidden_weight=0.0,
     hidden_loss="cosine", save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
 )
+MLM_PROBABILITY = 0.15  # the student's masking, dynamic (a collator) or static (the teacher cache's views)
 ENCODER_DEFAULTS = dict(DEFAULTS, output_dir="outputs/encoder_student", max_steps=60, learning_rate=3e-4,
                         temperature=2.0, kd_positions="all", alpha_task=0.0, kd_weight=0.0, hidden_weight=1.0)
 QUICK = dict(output_dir="outputs/mlm_quick", max_steps=3, per_device_train_batch_size=4, logging_steps=1,
@@ -129,7 +130,7 @@ def cached_teacher(job: MaskedLMJob, args, teacher, train_chunks, collator, tok,
     ``args.teacher_cache``. Without it (or in encoder mode): the chunks and ``collator``, no teacher cost up front."""
     if not job.cache_teacher or job.mode != "mlm":
         return args, train_chunks, collator, {}
-    views = masked_views(train_chunks, tok, job.mask_views, mlm_probability=0.15, seed=0)
+    views = masked_views(train_chunks, tok, job.mask_views, mlm_probability=MLM_PROBABILITY, seed=0)
     folder, meta = reusable_cache(teacher, views, teacher_name=name, k=job.cache_k, temperature=1.0)
     return dataclasses.replace(args, teacher_cache=folder), None, default_data_collator, {
         "teacher_cache": meta["build_seconds"]}
@@ -141,7 +142,8 @@ def run(job: MaskedLMJob, args) -> dict:
     train_text, held_text, data_name = load_text(job.dataset, job.eval_split)
     teacher, tok, task, notes = load_teacher(job, args)
     mlm = task == "masked_lm"
-    collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15) if mlm else DataCollatorWithPadding(tok)
+    collator = (DataCollatorForLanguageModeling(tok, mlm_probability=MLM_PROBABILITY) if mlm
+                else DataCollatorWithPadding(tok))
     train_chunks = chunk_text(train_text, tok, job.max_length, job.text_column, max_chunks=job.max_train_chunks or None)
 
     # 2. Student: a DistilBERT-style spread of the teacher's layers
